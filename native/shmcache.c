@@ -1,0 +1,686 @@
+/* shmcache native layer.
+ *
+ * Only what Python cannot do correctly (atomics with explicit ordering,
+ * futexes, copies out of memory that another process is rewriting) or fast
+ * enough (the writer's publish step, the reader's bulk copies).  The protocol
+ * these functions implement is written down in docs/design.md; the comments
+ * here point at its rules instead of restating them.
+ *
+ * Reader functions treat the segment as untrusted input: every value read from
+ * it is loaded exactly once into a local (relaxed atomic load, so the compiler
+ * cannot re-read it after the bounds check) and checked before it is used as
+ * an offset or a length.  Geometry comes from struct sc_layout, which the
+ * caller validated once at open and which the segment cannot change.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <limits.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+#include "shmcache.h"
+
+_Static_assert(sizeof(struct sc_header) == 4096, "header must be one page");
+_Static_assert(sizeof(struct sc_slot) == 32, "slot size");
+_Static_assert(sizeof(struct sc_record) == SC_RECORD_HEADER_BYTES, "record header size");
+_Static_assert(sizeof(struct sc_index_entry) == 16, "index entry size");
+
+#define TOMBSTONE UINT64_MAX
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define LOAD_ACQ(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#define STORE_REL(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+/* Readers give up on a record that keeps moving after this many attempts. */
+#define READ_ATTEMPTS 1000
+
+/* ---- atomics ------------------------------------------------------------ */
+
+uint64_t sc_load_acquire(const uint64_t *addr) { return __atomic_load_n(addr, __ATOMIC_ACQUIRE); }
+void sc_store_release(uint64_t *addr, uint64_t value) { __atomic_store_n(addr, value, __ATOMIC_RELEASE); }
+int sc_cas(uint64_t *addr, uint64_t expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n(addr, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+uint64_t sc_fetch_add(uint64_t *addr, uint64_t delta) { return __atomic_fetch_add(addr, delta, __ATOMIC_ACQ_REL); }
+void sc_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+void sc_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* ---- futex -------------------------------------------------------------- */
+
+int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tsp = &ts;
+    }
+    /* Shared futex (no FUTEX_PRIVATE_FLAG): the key is the page of the shm
+     * object, so a wait on a read-only mapping meets the writer's wake. */
+    long rc = syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+    return rc == 0 ? 0 : errno;
+}
+
+void sc_notify(struct sc_layout *L)
+{
+    struct sc_header *h = (struct sc_header *)L->base;
+    __atomic_fetch_add(&h->notify_seq, 1, __ATOMIC_RELEASE);
+    syscall(SYS_futex, &h->notify_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* ---- hashing: seeded FNV-1a with a 64-bit finalizer ---------------------- */
+
+uint64_t sc_hash(uint64_t seed, const uint8_t *key, uint32_t key_len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL ^ seed;
+    for (uint32_t i = 0; i < key_len; i++) {
+        h ^= key[i];
+        h *= 0x100000001b3ULL;
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+/* ---- geometry helpers ---------------------------------------------------- */
+
+static inline struct sc_header *hdr(struct sc_layout *L) { return (struct sc_header *)L->base; }
+static inline struct sc_slot *slot_at(struct sc_layout *L, uint64_t index)
+{
+    return (struct sc_slot *)(L->base + L->slots_offset) + (index % L->capacity);
+}
+static inline uint8_t *arena(struct sc_layout *L) { return L->base + L->arena_offset; }
+static inline uint8_t *heap(struct sc_layout *L) { return L->base + L->heap_offset; }
+static inline struct sc_index_entry *table(struct sc_layout *L, uint64_t which)
+{
+    return (struct sc_index_entry *)(L->base + L->index_offset[which & 1]);
+}
+static inline struct sc_index_entry *active_table(struct sc_layout *L)
+{
+    return table(L, LOAD_ACQ(hdr(L)->active_index));
+}
+
+/* Copy len bytes (len <= size) starting at logical pos of a circular buffer. */
+static void copy_out(uint8_t *dst, const uint8_t *ring, uint64_t size, uint64_t pos, uint64_t len)
+{
+    uint64_t off = pos % size, first = size - off;
+    if (len <= first) {
+        memcpy(dst, ring + off, len);
+    } else {
+        memcpy(dst, ring + off, first);
+        memcpy(dst + first, ring, len - first);
+    }
+}
+
+static void copy_in(uint8_t *ring, uint64_t size, uint64_t pos, const uint8_t *src, uint64_t len)
+{
+    uint64_t off = pos % size, first = size - off;
+    if (len <= first) {
+        memcpy(ring + off, src, len);
+    } else {
+        memcpy(ring + off, src, first);
+        memcpy(ring, src + first, len - first);
+    }
+}
+
+/* Compare len bytes at logical pos of a circular buffer with b. */
+static int equal_at(const uint8_t *ring, uint64_t size, uint64_t pos, const uint8_t *b, uint64_t len)
+{
+    uint64_t off = pos % size, first = size - off;
+    if (len <= first)
+        return memcmp(ring + off, b, len) == 0;
+    return memcmp(ring + off, b, first) == 0 && memcmp(ring, b + first, len - first) == 0;
+}
+
+uint64_t sc_record_size(uint32_t key_len, uint32_t value_len)
+{
+    return ((uint64_t)SC_RECORD_HEADER_BYTES + key_len + value_len + 7) & ~(uint64_t)7;
+}
+
+static void read_record(struct sc_layout *L, uint64_t pos, struct sc_record *r)
+{
+    copy_out((uint8_t *)r, heap(L), L->heap_bytes, pos, sizeof *r);
+}
+
+/* ---- store: writer side ---------------------------------------------------
+ * The caller holds the writers' lock, so nothing else changes the segment; the
+ * atomic stores are for the readers (design.md, "The store"). */
+
+static int record_is(struct sc_layout *L, uint64_t pos, const uint8_t *key, uint32_t key_len)
+{
+    struct sc_record r;
+    read_record(L, pos, &r);
+    return r.key_len == key_len && equal_at(heap(L), L->heap_bytes, pos + SC_RECORD_HEADER_BYTES, key, key_len);
+}
+
+/* Find key in the active table.  Returns its entry or -1; *free_at gets the
+ * first empty or tombstone entry on the probe path (-1 if none). */
+static int64_t probe(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t hash, int64_t *free_at)
+{
+    struct sc_index_entry *t = active_table(L);
+    uint64_t mask = L->index_slots - 1, i = hash & mask;
+    *free_at = -1;
+    for (uint64_t n = 0; n < L->index_slots; n++, i = (i + 1) & mask) {
+        uint64_t p = t[i].ptr;
+        if (p == 0) {
+            if (*free_at < 0)
+                *free_at = (int64_t)i;
+            return -1;
+        }
+        if (p == TOMBSTONE) {
+            if (*free_at < 0)
+                *free_at = (int64_t)i;
+            continue;
+        }
+        if (t[i].hash == hash && record_is(L, p - 1, key, key_len))
+            return (int64_t)i;
+    }
+    return -1;
+}
+
+int64_t sc_store_lookup(struct sc_layout *L, const uint8_t *key, uint32_t key_len)
+{
+    int64_t free_at, i = probe(L, key, key_len, sc_hash(L->hash_seed, key, key_len), &free_at);
+    if (i < 0)
+        return -1;
+    struct sc_record r;
+    read_record(L, active_table(L)[i].ptr - 1, &r);
+    return (int64_t)sc_record_size(r.key_len, r.value_len);
+}
+
+/* The entry of the active table that points at the record at pos, or -1. */
+static int64_t entry_pointing_at(struct sc_layout *L, uint64_t pos, uint64_t hash)
+{
+    struct sc_index_entry *t = active_table(L);
+    uint64_t mask = L->index_slots - 1, i = hash & mask;
+    for (uint64_t n = 0; n < L->index_slots; n++, i = (i + 1) & mask) {
+        uint64_t p = t[i].ptr;
+        if (p == 0)
+            return -1;
+        if (p == pos + 1)
+            return (int64_t)i;
+    }
+    return -1;
+}
+
+/* Tail must be published before the space behind it is written again. */
+static void advance_heap_tail(struct sc_header *h, uint64_t tail)
+{
+    STORE(h->heap_tail, tail);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static void heap_move(struct sc_layout *L, uint64_t from, uint64_t to, uint64_t len)
+{
+    uint8_t chunk[4096];
+    while (len) {
+        uint64_t n = len < sizeof chunk ? len : sizeof chunk;
+        copy_out(chunk, heap(L), L->heap_bytes, from, n);
+        copy_in(heap(L), L->heap_bytes, to, chunk, n);
+        from += n;
+        to += n;
+        len -= n;
+    }
+}
+
+/* Log cleaning: make the heap's free space at least need + max_record, by
+ * dropping dead records at the tail and moving live ones to the head.  With
+ * live_bytes <= store_bytes, need <= max_record = store_bytes / 2 and
+ * heap_bytes = 2 * store_bytes this always succeeds within one pass over the
+ * heap (design.md, "Heap space"); failing means the accounting is corrupt. */
+static int make_room(struct sc_layout *L, uint64_t need)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t stop = h->heap_head;
+    while (L->heap_bytes - (h->heap_head - h->heap_tail) < need + L->max_record) {
+        uint64_t pos = h->heap_tail;
+        if (pos >= stop)
+            return SC_CORRUPT;
+        struct sc_record r;
+        read_record(L, pos, &r);
+        uint64_t size = sc_record_size(r.key_len, r.value_len);
+        if (r.key_len == 0 || r.key_len > SC_MAX_KEY_BYTES || size > L->max_record)
+            return SC_CORRUPT;
+        int64_t e = entry_pointing_at(L, pos, r.hash);
+        if (e >= 0) {
+            uint64_t to = h->heap_head;
+            heap_move(L, pos, to, size);
+            STORE_REL(h->heap_head, to + size);
+            STORE_REL(active_table(L)[e].ptr, to + 1);
+        }
+        advance_heap_tail(h, pos + size);
+    }
+    return SC_OK;
+}
+
+static uint64_t heap_append(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                            const uint8_t *value, uint32_t value_len, uint64_t rv, uint64_t hash)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t pos = h->heap_head;
+    struct sc_record r = {rv, key_len, value_len, hash};
+    copy_in(heap(L), L->heap_bytes, pos, (const uint8_t *)&r, sizeof r);
+    copy_in(heap(L), L->heap_bytes, pos + sizeof r, key, key_len);
+    copy_in(heap(L), L->heap_bytes, pos + sizeof r + key_len, value, value_len);
+    STORE_REL(h->heap_head, pos + sc_record_size(key_len, value_len));
+    return pos;
+}
+
+/* Rebuild the inactive table from the active one without tombstones, then
+ * switch.  Readers of the old table notice through index_gen. */
+static void rebuild_index(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t a = h->active_index & 1, b = a ^ 1, mask = L->index_slots - 1;
+    struct sc_index_entry *src = table(L, a), *dst = table(L, b);
+    memset(dst, 0, L->index_slots * sizeof *dst);
+    for (uint64_t i = 0; i < L->index_slots; i++) {
+        uint64_t p = src[i].ptr;
+        if (p == 0 || p == TOMBSTONE)
+            continue;
+        uint64_t j = src[i].hash & mask;
+        while (dst[j].ptr != 0)
+            j = (j + 1) & mask;
+        dst[j].hash = src[i].hash;
+        dst[j].ptr = p;
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    STORE_REL(h->active_index, b);
+    STORE_REL(h->index_gen, h->index_gen + 1);
+    h->tombstones = 0;
+}
+
+/* ---- ring: writer side ---------------------------------------------------- */
+
+static void ring_append(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t key_len,
+                        const uint8_t *value, uint32_t value_len, uint64_t rv)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t need = (uint64_t)key_len + value_len;
+    uint64_t start = h->start_index, end = h->end_index, head = h->arena_head;
+    uint64_t keep = start;
+    if (end - keep >= L->capacity)
+        keep = end - L->capacity + 1;
+    while (keep < end && head + need - slot_at(L, keep)->data_pos > L->arena_bytes)
+        keep++;
+    if (keep != start) {
+        /* eviction: startIndex moves before the space is reused */
+        STORE(h->start_index, keep);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        h->events_evicted += keep - start;
+    }
+    copy_in(arena(L), L->arena_bytes, head, key, key_len);
+    copy_in(arena(L), L->arena_bytes, head + key_len, value, value_len);
+    struct sc_slot *s = slot_at(L, end);
+    s->rv = rv;
+    s->data_pos = head;
+    s->key_len = key_len;
+    s->value_len = value_len;
+    s->type = type;
+    h->arena_head = head + need;
+    STORE_REL(h->end_index, end + 1);
+    STORE_REL(h->rv, rv);
+    h->events_written++;
+}
+
+/* Apply one put (type SC_ADDED or SC_MODIFIED: chosen here) or delete to the
+ * store, publishing it to the ring first with SC_APPLY_RING and advancing
+ * store_rv after with SC_APPLY_STORE_RV.  The caller validated
+ * sizes and capacity.  Returns the event type, or -SC_NOTFOUND / -SC_CORRUPT /
+ * -SC_NOMEM with nothing published. */
+int sc_apply(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t key_len,
+             const uint8_t *value, uint32_t value_len, uint64_t rv, int flags)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t hash = sc_hash(L->hash_seed, key, key_len);
+    int64_t free_at, e;
+
+    if (type == SC_DELETED) {
+        e = probe(L, key, key_len, hash, &free_at);
+        if (e < 0)
+            return -SC_NOTFOUND;
+        struct sc_index_entry *t = active_table(L);
+        uint64_t pos = t[e].ptr - 1;
+        struct sc_record r;
+        read_record(L, pos, &r);
+        if (flags & SC_APPLY_RING) {
+            /* the DELETED event carries the last value */
+            uint8_t *last = malloc(r.value_len ? r.value_len : 1);
+            if (!last)
+                return -SC_NOMEM;
+            copy_out(last, heap(L), L->heap_bytes, pos + SC_RECORD_HEADER_BYTES + key_len, r.value_len);
+            ring_append(L, SC_DELETED, key, key_len, last, r.value_len, rv);
+            free(last);
+        }
+        STORE_REL(t[e].ptr, TOMBSTONE);
+        h->live_keys--;
+        h->live_bytes -= sc_record_size(r.key_len, r.value_len);
+        h->tombstones++;
+        if (h->tombstones > L->index_slots / 4)
+            rebuild_index(L);
+    } else {
+        uint64_t size = sc_record_size(key_len, value_len);
+        if (size > L->max_record || make_room(L, size) != SC_OK)
+            return -SC_CORRUPT;
+        e = probe(L, key, key_len, hash, &free_at);
+        if (e < 0 && free_at < 0)
+            return -SC_CORRUPT; /* a table with no free entry: max_keys was not enforced */
+        type = e >= 0 ? SC_MODIFIED : SC_ADDED;
+        if (flags & SC_APPLY_RING)
+            ring_append(L, type, key, key_len, value, value_len, rv);
+        uint64_t pos = heap_append(L, key, key_len, value, value_len, rv, hash);
+        struct sc_index_entry *t = active_table(L);
+        if (e >= 0) {
+            struct sc_record old;
+            read_record(L, t[e].ptr - 1, &old);
+            STORE_REL(t[e].ptr, pos + 1);
+            h->live_bytes += size - sc_record_size(old.key_len, old.value_len);
+        } else {
+            if (t[free_at].ptr == TOMBSTONE)
+                h->tombstones--;
+            t[free_at].hash = hash; /* before ptr: readers load ptr, then hash */
+            STORE_REL(t[free_at].ptr, pos + 1);
+            h->live_keys++;
+            h->live_bytes += size;
+        }
+    }
+    if (flags & SC_APPLY_STORE_RV)
+        STORE_REL(h->store_rv, rv);
+    return (int)type;
+}
+
+/* Empty the store (replace, and recovery from a crashed replace). */
+int sc_store_clear(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    advance_heap_tail(h, h->heap_head);
+    memset(active_table(L), 0, L->index_slots * sizeof(struct sc_index_entry));
+    h->live_keys = 0;
+    h->live_bytes = 0;
+    h->tombstones = 0;
+    STORE_REL(h->index_gen, h->index_gen + 1);
+    return SC_OK;
+}
+
+/* Recompute the store's counters from the active table (after a crash the
+ * counters may lag one step behind the table). */
+int sc_recount(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    struct sc_index_entry *t = active_table(L);
+    uint64_t keys = 0, bytes = 0, tomb = 0;
+    for (uint64_t i = 0; i < L->index_slots; i++) {
+        uint64_t p = t[i].ptr;
+        if (p == 0)
+            continue;
+        if (p == TOMBSTONE) {
+            tomb++;
+            continue;
+        }
+        uint64_t pos = p - 1;
+        if (pos < h->heap_tail || pos >= h->heap_head)
+            return SC_CORRUPT;
+        struct sc_record r;
+        read_record(L, pos, &r);
+        uint64_t size = sc_record_size(r.key_len, r.value_len);
+        if (r.key_len == 0 || r.key_len > SC_MAX_KEY_BYTES || size > L->max_record || pos + size > h->heap_head)
+            return SC_CORRUPT;
+        keys++;
+        bytes += size;
+    }
+    h->live_keys = keys;
+    h->live_bytes = bytes;
+    h->tombstones = tomb;
+    /* a crash between switching tables and bumping the generation must not
+     * let a reader of the old table pass validation */
+    STORE_REL(h->index_gen, h->index_gen + 1);
+    return SC_OK;
+}
+
+/* Apply to the store every published event it has not seen (rv > store_rv):
+ * the ring is the store's write-ahead log.  Returns SC_OK or SC_CORRUPT. */
+int sc_replay(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t start = h->start_index, end = h->end_index, from;
+    if (end < start || end - start > L->capacity)
+        return SC_CORRUPT;
+    if (sc_ring_find(L, start, end, h->store_rv, &from) != SC_OK)
+        return SC_CORRUPT;
+    for (uint64_t i = from; i < end; i++) {
+        struct sc_slot s = *slot_at(L, i);
+        if (s.key_len == 0 || s.key_len > SC_MAX_KEY_BYTES || (uint64_t)s.key_len + s.value_len > L->arena_bytes)
+            return SC_CORRUPT;
+        uint8_t *buf = malloc((uint64_t)s.key_len + s.value_len);
+        if (!buf)
+            return SC_NOMEM;
+        copy_out(buf, arena(L), L->arena_bytes, s.data_pos, (uint64_t)s.key_len + s.value_len);
+        int rc = sc_apply(L, s.type, buf, s.key_len, buf + s.key_len, s.value_len, s.rv, SC_APPLY_STORE_RV);
+        free(buf);
+        if (rc == -SC_NOTFOUND) /* a delete already applied */
+            STORE_REL(h->store_rv, s.rv);
+        else if (rc < 0)
+            return -rc;
+    }
+    if (end > start) {
+        uint64_t last = slot_at(L, end - 1)->rv;
+        if (h->rv < last)
+            STORE_REL(h->rv, last);
+    }
+    return SC_OK;
+}
+
+/* ---- ring: reader side ---------------------------------------------------- */
+
+/* First index in [start, end) whose event has rv > since_rv (end if none).
+ * The caller re-reads start_index afterwards to know the answer was stable. */
+int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv, uint64_t *out_index)
+{
+    if (end < start || end - start > L->capacity)
+        return SC_RETRY;
+    uint64_t lo = start, hi = end;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (LOAD(slot_at(L, mid)->rv) > since_rv)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    *out_index = lo;
+    return SC_OK;
+}
+
+int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
+                 const uint8_t *prefix, uint32_t prefix_len,
+                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap,
+                 uint64_t *out_next, uint32_t *out_count, uint64_t *out_data_used,
+                 uint64_t *out_start)
+{
+    int rc = SC_OK;
+    uint32_t n = 0;
+    uint64_t used = 0, i = from, prev_rv = 0;
+    uint8_t head[SC_MAX_KEY_BYTES];
+    if (end < from || end - from > L->capacity || prefix_len > SC_MAX_KEY_BYTES) {
+        rc = SC_RETRY; /* lapped: the validity check below decides */
+        end = from;
+    }
+    for (; i < end && n < max_events; i++) {
+        struct sc_slot *s = slot_at(L, i);
+        uint64_t rv = LOAD(s->rv), pos = LOAD(s->data_pos);
+        uint32_t kl = LOAD(s->key_len), vl = LOAD(s->value_len), type = LOAD(s->type);
+        uint64_t len = (uint64_t)kl + vl;
+        if (kl == 0 || kl > SC_MAX_KEY_BYTES || len > L->arena_bytes || type < SC_ADDED || type > SC_DELETED
+            || rv <= prev_rv) {
+            rc = SC_CORRUPT;
+            break;
+        }
+        prev_rv = rv;
+        if (prefix_len) {
+            if (kl < prefix_len)
+                continue;
+            copy_out(head, arena(L), L->arena_bytes, pos, prefix_len);
+            if (memcmp(head, prefix, prefix_len) != 0)
+                continue;
+        }
+        if (used + len > data_cap) {
+            if (n == 0) {
+                rc = SC_NOSPACE;
+                used = len;
+            }
+            break;
+        }
+        copy_out(data + used, arena(L), L->arena_bytes, pos, len);
+        meta[n].rv = rv;
+        meta[n].type = type;
+        meta[n].key_len = kl;
+        meta[n].value_len = vl;
+        meta[n].reserved = 0;
+        used += len;
+        n++;
+    }
+    /* validity after the copy: the copied slots were not reused iff
+     * start_index has not passed from */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    *out_start = LOAD(hdr(L)->start_index);
+    *out_next = i;
+    *out_count = n;
+    *out_data_used = used;
+    return rc;
+}
+
+/* ---- store: reader side --------------------------------------------------- */
+
+/* One lock-free lookup attempt.  SC_OK / SC_NOTFOUND / SC_NOSPACE are final
+ * only if the caller's validation (tail and generation) holds. */
+static int get_once(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t hash,
+                    uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
+                    uint64_t *lowest_pos)
+{
+    struct sc_index_entry *t = active_table(L);
+    uint64_t mask = L->index_slots - 1, i = hash & mask;
+    for (uint64_t n = 0; n < L->index_slots; n++, i = (i + 1) & mask) {
+        uint64_t p = LOAD_ACQ(t[i].ptr);
+        if (p == 0)
+            return SC_NOTFOUND;
+        if (p == TOMBSTONE || LOAD(t[i].hash) != hash)
+            continue;
+        uint64_t pos = p - 1;
+        if (pos < *lowest_pos)
+            *lowest_pos = pos;
+        struct sc_record r;
+        read_record(L, pos, &r);
+        uint32_t kl = LOAD(r.key_len), vl = LOAD(r.value_len);
+        if (kl != key_len || !equal_at(heap(L), L->heap_bytes, pos + SC_RECORD_HEADER_BYTES, key, key_len))
+            continue;
+        if (sc_record_size(kl, vl) > L->max_record)
+            return SC_CORRUPT;
+        *out_value_len = vl;
+        *out_rv = r.rv;
+        if (vl > out_cap)
+            return SC_NOSPACE;
+        copy_out(out, heap(L), L->heap_bytes, pos + SC_RECORD_HEADER_BYTES + kl, vl);
+        return SC_OK;
+    }
+    return SC_NOTFOUND; /* probed every entry */
+}
+
+int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv)
+{
+    struct sc_header *h = hdr(L);
+    if (key_len == 0 || key_len > SC_MAX_KEY_BYTES)
+        return SC_NOTFOUND;
+    uint64_t hash = sc_hash(L->hash_seed, key, key_len);
+    for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
+        uint64_t gen = LOAD_ACQ(h->index_gen), lowest = UINT64_MAX;
+        int rc = get_once(L, key, key_len, hash, out, out_cap, out_value_len, out_rv, &lowest);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        /* every record looked at must still be intact, and the table the
+         * probe walked must still be the active one */
+        if (LOAD(h->heap_tail) > lowest || LOAD(h->index_gen) != gen)
+            continue;
+        return rc;
+    }
+    return SC_RETRY;
+}
+
+int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
+                  const uint8_t *prefix, uint32_t prefix_len,
+                  uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t used = 0;
+    uint32_t count = 0;
+    uint8_t head[SC_MAX_KEY_BYTES];
+    if (LOAD_ACQ(h->index_gen) != gen || prefix_len > SC_MAX_KEY_BYTES)
+        return SC_RETRY;
+    struct sc_index_entry *t = active_table(L);
+    uint64_t i = *cursor;
+    for (; i < L->index_slots; i++) {
+        int attempt;
+        for (attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
+            uint64_t p = LOAD_ACQ(t[i].ptr);
+            if (p == 0 || p == TOMBSTONE)
+                break;
+            uint64_t pos = p - 1;
+            struct sc_record r;
+            read_record(L, pos, &r);
+            uint32_t kl = LOAD(r.key_len), vl = LOAD(r.value_len);
+            uint64_t rv = LOAD(r.rv);
+            int sane = kl > 0 && kl <= SC_MAX_KEY_BYTES && sc_record_size(kl, vl) <= L->max_record;
+            int wanted = sane;
+            if (sane && prefix_len) {
+                if (kl < prefix_len) {
+                    wanted = 0;
+                } else {
+                    copy_out(head, heap(L), L->heap_bytes, pos + SC_RECORD_HEADER_BYTES, prefix_len);
+                    wanted = memcmp(head, prefix, prefix_len) == 0;
+                }
+            }
+            uint64_t len = SC_SCAN_ITEM_HEADER_BYTES + (uint64_t)kl + vl;
+            if (wanted && used + len > out_cap) {
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (LOAD(h->heap_tail) > pos)
+                    continue; /* moved: look again */
+                *cursor = i;
+                *out_used = count ? used : len;
+                *out_count = count;
+                return count ? SC_OK : SC_NOSPACE;
+            }
+            if (wanted) {
+                memcpy(out + used, &rv, 8);
+                memcpy(out + used + 8, &kl, 4);
+                memcpy(out + used + 12, &vl, 4);
+                copy_out(out + used + SC_SCAN_ITEM_HEADER_BYTES, heap(L), L->heap_bytes,
+                         pos + SC_RECORD_HEADER_BYTES, (uint64_t)kl + vl);
+            }
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (LOAD(h->heap_tail) > pos)
+                continue; /* the record was moved or reclaimed while copied */
+            if (!sane)
+                return SC_CORRUPT;
+            if (wanted) {
+                used += len;
+                count++;
+            }
+            break;
+        }
+        if (attempt == READ_ATTEMPTS)
+            return SC_RETRY;
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LOAD(h->index_gen) != gen)
+        return SC_RETRY;
+    *cursor = i;
+    *out_used = used;
+    *out_count = count;
+    return SC_OK;
+}

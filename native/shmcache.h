@@ -1,0 +1,198 @@
+/* shmcache native layer: declarations.
+ *
+ * This file is read twice: by cffi as the cdef of the extension module (so it
+ * holds plain declarations only: no preprocessor lines, no inline code), and by
+ * the C compiler through shmcache.c.  docs/design.md explains every field.
+ *
+ * All multi-byte fields are little-endian host order (the segment is
+ * node-local).  Positions called "index" or "pos" are logical: 64-bit,
+ * monotonically increasing, never wrapping; the physical place is the logical
+ * value modulo the table or arena size.
+ */
+
+/* event types, as stored in ring slots */
+#define SC_ADDED 1
+#define SC_MODIFIED 2
+#define SC_DELETED 3
+
+/* return codes of the functions below (sc_apply returns an event type, or minus one of these) */
+#define SC_OK 0
+#define SC_NOTFOUND 1   /* no such key */
+#define SC_RETRY 2      /* a writer moved the data while it was read; read again */
+#define SC_NOSPACE 3    /* the output buffer is too small; the needed size is reported */
+#define SC_CORRUPT 4    /* the segment holds values no correct writer produces */
+#define SC_NOMEM 5      /* the writer could not allocate scratch memory */
+
+#define SC_MAX_KEY_BYTES 1024
+#define SC_RECORD_HEADER_BYTES 24
+#define SC_SCAN_ITEM_HEADER_BYTES 16
+
+/* what the lock holder is doing (header.op_state) */
+#define SC_OP_IDLE 0
+#define SC_OP_MUTATING 1
+#define SC_OP_REPLACING 2
+
+/* flags of sc_apply */
+#define SC_APPLY_RING 1       /* publish the event to the ring first */
+#define SC_APPLY_STORE_RV 2   /* then advance store_rv to the event's rv */
+
+/* ---- the segment header: the first 4096 bytes of the segment ------------ */
+
+struct sc_header {
+    /* identity and geometry: written once by the creator, before magic */
+    uint64_t magic;             /* SC_MAGIC, store-released last at creation */
+    uint32_t layout_version;
+    uint32_t header_bytes;      /* sizeof(struct sc_header) */
+    uint64_t total_bytes;       /* size of the whole segment */
+    uint64_t epoch;             /* random, new for every created segment */
+    uint64_t capacity;          /* ring slots */
+    uint64_t arena_bytes;       /* ring payload arena */
+    uint64_t max_keys;
+    uint64_t store_bytes;       /* budget of live store record bytes */
+    uint64_t index_slots;       /* per index table; a power of two */
+    uint64_t heap_bytes;        /* store heap: 2 * store_bytes */
+    uint64_t slots_offset;
+    uint64_t arena_offset;
+    uint64_t index_offset[2];
+    uint64_t heap_offset;
+    uint64_t hash_seed;
+    /* creator: who may unlink; judged dead by pid + start time */
+    uint64_t creator_pid;
+    uint64_t creator_start_ms;  /* process start time, ms since the epoch */
+    uint64_t creator_pidns;     /* inode of /proc/self/ns/pid */
+    uint64_t creator_boot;      /* first 8 bytes of the boot id */
+    uint32_t closed;            /* 1: the owner closed this segment */
+    uint32_t reserved0;
+    uint64_t created_ms;
+    uint64_t heartbeat_ms;      /* refreshed by a daemon; 0 when none */
+    uint64_t pad0[9];
+
+    /* ring publication (one cache line per group to keep readers' lines clean) */
+    uint64_t end_index;         /* slots [start_index, end_index) are published */
+    uint64_t rv;                /* newest published resource version */
+    uint64_t start_index;       /* advanced before any slot/arena space is reused */
+    uint64_t replace_index;     /* end_index at the last replace() */
+    uint64_t replace_rv;        /* rv of the last replace(); 0 when none */
+    uint64_t arena_head;        /* writer-only: logical arena position of the next payload */
+    uint64_t events_written;
+    uint64_t events_evicted;
+
+    /* store */
+    uint64_t store_rv;          /* every event with rv <= store_rv is applied to the store */
+    uint64_t heap_head;         /* logical heap position of the next record */
+    uint64_t heap_tail;         /* records before it may be overwritten */
+    uint64_t active_index;      /* 0 or 1: which index table readers probe */
+    uint64_t index_gen;         /* incremented after every switch of active_index */
+    uint64_t live_keys;
+    uint64_t live_bytes;        /* sum of the sizes of live records */
+    uint64_t tombstones;        /* in the active table */
+
+    /* writers' lock (see lock.py) */
+    uint64_t lock_token;        /* 0 free, else (generation << 32) | pid of the holder */
+    uint64_t lock_seq;          /* incremented at each acquisition and release */
+    uint64_t owner_info_gen;    /* generation whose owner fields below are complete */
+    uint64_t owner_pid;
+    uint64_t owner_start_ms;
+    uint64_t owner_pidns;
+    uint64_t owner_boot;
+    uint64_t op_state;          /* SC_OP_*: what the holder is doing, for recovery */
+
+    uint64_t op_arg;            /* replace: the target rv */
+    uint64_t lock_recoveries;   /* how often a dead holder's lock was recovered */
+    uint64_t pad1[6];
+
+    /* futex word readers wait on; incremented after each publication */
+    uint32_t notify_seq;
+    uint32_t reserved1;
+    uint64_t pad2[7];
+
+    uint64_t tail_pad[440];     /* to 4096 bytes */
+};
+
+/* ring slot: 32 bytes */
+struct sc_slot {
+    uint64_t rv;
+    uint64_t data_pos;          /* logical arena position of key then value */
+    uint32_t key_len;
+    uint32_t value_len;
+    uint32_t type;              /* 1 ADDED, 2 MODIFIED, 3 DELETED */
+    uint32_t reserved;
+};
+
+/* store index entry: 16 bytes; ptr 0 empty, SC_TOMBSTONE deleted, else heap pos + 1 */
+struct sc_index_entry {
+    uint64_t ptr;
+    uint64_t hash;
+};
+
+/* store record header in the heap: 24 bytes, then key, value, padding to 8 */
+struct sc_record {
+    uint64_t rv;
+    uint32_t key_len;
+    uint32_t value_len;
+    uint64_t hash;
+};
+
+/* event metadata produced by sc_ring_copy: 24 bytes */
+struct sc_event_meta {
+    uint64_t rv;
+    uint32_t type;
+    uint32_t key_len;
+    uint32_t value_len;
+    uint32_t reserved;
+};
+
+/* what a process knows about one mapping; built and validated by layout.py */
+struct sc_layout {
+    uint8_t *base;
+    uint64_t total_bytes;
+    uint64_t capacity;
+    uint64_t arena_bytes;
+    uint64_t index_slots;
+    uint64_t heap_bytes;
+    uint64_t max_record;        /* largest store record accepted */
+    uint64_t hash_seed;
+    uint64_t slots_offset;
+    uint64_t arena_offset;
+    uint64_t index_offset[2];
+    uint64_t heap_offset;
+};
+
+/* ---- atomics on addresses inside the mapping ---------------------------- */
+uint64_t sc_load_acquire(const uint64_t *addr);
+void sc_store_release(uint64_t *addr, uint64_t value);
+int sc_cas(uint64_t *addr, uint64_t expected, uint64_t desired);
+uint64_t sc_fetch_add(uint64_t *addr, uint64_t delta);
+void sc_fence_acquire(void);
+void sc_fence_release(void);
+
+/* ---- futex (shared, never FUTEX_PRIVATE) -------------------------------- */
+/* 0 woken (or value changed), else an errno: ETIMEDOUT, EINTR, EAGAIN */
+int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns);
+void sc_notify(struct sc_layout *L);
+
+/* ---- hashing ------------------------------------------------------------ */
+uint64_t sc_hash(uint64_t seed, const uint8_t *key, uint32_t key_len);
+
+/* ---- writer side (the caller holds the writers' lock) -------------------- */
+int64_t sc_store_lookup(struct sc_layout *L, const uint8_t *key, uint32_t key_len);
+uint64_t sc_record_size(uint32_t key_len, uint32_t value_len);
+int sc_apply(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t key_len,
+             const uint8_t *value, uint32_t value_len, uint64_t rv, int flags);
+int sc_store_clear(struct sc_layout *L);
+int sc_recount(struct sc_layout *L);
+int sc_replay(struct sc_layout *L);
+
+/* ---- reader side (lock-free; every value read from the segment is checked) */
+int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
+                 uint64_t *out_index);
+int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
+                 const uint8_t *prefix, uint32_t prefix_len,
+                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap,
+                 uint64_t *out_next, uint32_t *out_count, uint64_t *out_data_used,
+                 uint64_t *out_start);
+int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv);
+int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
+                  const uint8_t *prefix, uint32_t prefix_len,
+                  uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count);

@@ -1,0 +1,50 @@
+"""shmcache: a node-local watch cache in POSIX shared memory.
+
+Writers change a key→value store and publish every change as an event into a
+bounded ring; readers map the segment read-only and, without any lock,
+``get``, ``list`` at a resource version, and watch every change after it.
+"""
+
+from ._events import Event, EventType, Item, Snapshot
+from ._reader import Interval, Reader
+from ._writer import Writer
+from .exceptions import (
+    CacheClosed,
+    CacheCorrupted,
+    CacheExists,
+    CacheFull,
+    CacheNotFound,
+    InvalidKey,
+    InvalidName,
+    InvalidResourceVersion,
+    InvalidSize,
+    LockTimeout,
+    ResourceExpired,
+    ShmCacheError,
+    ValueTooLarge,
+)
+
+__all__ = [
+    "CacheClosed",
+    "CacheCorrupted",
+    "CacheExists",
+    "CacheFull",
+    "CacheNotFound",
+    "Event",
+    "EventType",
+    "Interval",
+    "InvalidKey",
+    "InvalidName",
+    "InvalidResourceVersion",
+    "InvalidSize",
+    "Item",
+    "LockTimeout",
+    "Reader",
+    "ResourceExpired",
+    "ShmCacheError",
+    "Snapshot",
+    "ValueTooLarge",
+    "Writer",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""The writers' lock: a named POSIX semaphore plus an owner token in the header.
+
+The semaphore is the wait queue; the token (header.lock_token, claimed by
+compare-and-swap from 0) is the truth about who holds the lock.  docs/design.md
+("The writers' lock") gives the full argument; in short:
+
+* acquire: ``sem_wait``, then CAS the token from 0 to ``(generation << 32) |
+  pid``, then record the owner's identity and mark it complete by writing the
+  token into ``owner_info_gen``.  A CAS that fails means the semaphore had a
+  surplus count (left by a recovery) while somebody holds the token: the
+  acquisition is void, absorbs that count, and waits again.
+* release: bump ``lock_seq``, clear the token, ``sem_post``.
+* a waiter that times out judges the holder.  Recorded and alive (or in
+  another PID namespace, where a pid means nothing here) → LockTimeout.
+  Recorded and dead → exactly one waiter wins the CAS of the token back to 0
+  and posts the semaphore on the dead holder's behalf.  Not recorded (the
+  holder sits between ``sem_wait`` and its record, or between clearing the
+  token and ``sem_post``) → if nothing changes for another whole
+  ``lock_timeout``, the lock is abandoned: one waiter wins a CAS on
+  ``lock_seq`` and posts.  Whoever then acquires finds ``op_state`` not idle
+  and repairs the segment before doing anything else.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import posix_ipc
+
+from ._layout import Mapping
+from ._native import lib
+from ._owner import Liveness, ProcessIdentity, judge, me
+from .exceptions import LockTimeout
+
+__all__ = ["WriterLock"]
+
+
+class WriterLock:
+    """Cross-process lock of one cache's writers.  Not reentrant, not
+    thread-safe: the Writer serialises its threads before calling it."""
+
+    def __init__(self, mapping: Mapping, sem: posix_ipc.Semaphore, timeout: float) -> None:
+        self._map = mapping
+        self._sem = sem
+        self._timeout = timeout
+        self._token_p: Any = mapping.field("lock_token")
+        self._seq_p: Any = mapping.field("lock_seq")
+        self._info_p: Any = mapping.field("owner_info_gen")
+        self._token = 0
+
+    @property
+    def held(self) -> bool:
+        return self._token != 0
+
+    def acquire(self) -> None:
+        """Take the lock, recovering it from a dead holder; LockTimeout if a
+        live holder keeps it for ``timeout`` seconds."""
+        deadline = time.monotonic() + self._timeout
+        suspect: tuple[int, int] | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                self._sem.acquire(max(remaining, 0.0))
+            except posix_ipc.BusyError:
+                pass
+            else:
+                if self._claim():
+                    return
+                continue  # void acquisition: absorbed a surplus count
+            verdict = self._judge_holder(suspect)
+            if verdict is None:  # recovered, or the holder changed: wait afresh
+                suspect = None
+            elif verdict == "alive":
+                raise LockTimeout(self._describe_holder())
+            else:
+                suspect = verdict
+            deadline = time.monotonic() + self._timeout
+
+    def release(self) -> None:
+        if not self._token:
+            raise RuntimeError("release of a lock this writer does not hold")
+        lib.sc_fetch_add(self._seq_p, 1)
+        lib.sc_store_release(self._token_p, 0)
+        self._token = 0
+        self._sem.release()
+
+    def _claim(self) -> bool:
+        ident = me()
+        seq = lib.sc_load_acquire(self._seq_p)
+        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (ident.pid & 0xFFFFFFFF)
+        if not lib.sc_cas(self._token_p, 0, token):
+            return False
+        lib.sc_fetch_add(self._seq_p, 1)
+        h = self._map.header
+        h.owner_pid = ident.pid
+        h.owner_start_ms = ident.start_ms
+        h.owner_pidns = ident.pidns
+        h.owner_boot = ident.boot
+        lib.sc_store_release(self._info_p, token)
+        self._token = token
+        return True
+
+    def _judge_holder(self, suspect: tuple[int, int] | None) -> str | tuple[int, int] | None:
+        """After a timed-out wait: "alive", None (recovered or changed: wait
+        again), or a (token, seq) snapshot to compare after another wait."""
+        h = self._map.header
+        token = lib.sc_load_acquire(self._token_p)
+        seq = lib.sc_load_acquire(self._seq_p)
+        if token:
+            recorded = lib.sc_load_acquire(self._info_p) == token
+            owner = ProcessIdentity(int(h.owner_pid), int(h.owner_start_ms),
+                                    int(h.owner_pidns), int(h.owner_boot))
+            if lib.sc_load_acquire(self._token_p) != token:
+                return None
+            if recorded:
+                if judge(owner) is not Liveness.DEAD:
+                    return "alive"
+                if lib.sc_cas(self._token_p, token, 0):
+                    self._post_for_dead()
+                return None
+        snapshot = (token, seq)
+        if snapshot != suspect:
+            return snapshot
+        # Held, unrecorded, unchanged for a whole timeout: abandoned.  The
+        # CAS on lock_seq elects the single waiter that posts.
+        if lib.sc_cas(self._seq_p, seq, seq + 1):
+            if token == 0 or lib.sc_cas(self._token_p, token, 0):
+                self._post_for_dead()
+        return None
+
+    def _post_for_dead(self) -> None:
+        lib.sc_fetch_add(self._map.field("lock_recoveries"), 1)
+        self._sem.release()
+
+    def _describe_holder(self) -> str:
+        h = self._map.header
+        token = lib.sc_load_acquire(self._token_p)
+        where = "" if h.owner_pidns == me().pidns else " in another PID namespace"
+        return (
+            f"the writers' lock is held by live pid {token & 0xFFFFFFFF}{where} "
+            f"for more than {self._timeout:g} s"
+        )

@@ -1,0 +1,476 @@
+"""The reader side: a read-only mapping, served without any lock or IPC.
+
+Readers never write the segment (PROT_READ) and never touch the semaphore.
+Every answer is either validated after the copy that produced it (the
+seqlock-like re-read of startIndex, heap_tail or index_gen: docs/design.md)
+or discarded.  Everything read from the segment is treated as untrusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ._events import Event, EventType, Item, Snapshot
+from ._layout import MAX_KEY_BYTES, check_name, open_segment
+from ._native import ffi, lib
+from .exceptions import CacheClosed, CacheCorrupted, InvalidKey, InvalidSize, ResourceExpired
+from ._writer import encode_key
+
+__all__ = ["Interval", "Reader"]
+
+_META = struct.Struct("<QIIII")
+_SCAN_ITEM = struct.Struct("<QII")
+_TYPES = (None, EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
+_new_event = tuple.__new__
+LIST_ATTEMPTS = 8
+MAX_BUFFER_SIZE = 1 << 16
+WINDOW_ATTEMPTS = 1000
+
+
+def _encode_prefix(prefix: object) -> bytes:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+    raw = prefix.encode()
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidKey(f"prefix is {len(raw)} UTF-8 bytes; keys have at most {MAX_KEY_BYTES}")
+    return raw
+
+
+class Reader:
+    """Reads cache ``name`` through a read-only mapping.
+
+    CacheNotFound if there is no such cache; CacheCorrupted if the segment is
+    not one this library can read safely.  Every method raises CacheClosed
+    once the owner closed the cache (or replaced it with a newer segment), or
+    after :meth:`close`.  A Reader is meant for one thread at a time.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = check_name(name)
+        self._map = open_segment(self.name, writable=False)
+        m = self._map
+        self.geometry = m.geometry
+        self._h: Any = m.header
+        self._layout: Any = m.layout
+        self.epoch = int(self._h.epoch)
+        self._slots: Any = ffi.cast("struct sc_slot *", ffi.cast("uint8_t *", self._h) + m.geometry.slots_offset)
+        self._p_end = m.field("end_index")
+        self._p_start = m.field("start_index")
+        self._p_rv = m.field("rv")
+        self._p_store_rv = m.field("store_rv")
+        self._p_gen = m.field("index_gen")
+        self._p_rep_index = m.field("replace_index")
+        self._p_rep_rv = m.field("replace_rv")
+        self._p_notify: Any = ffi.addressof(self._h[0], "notify_seq")
+        self._out = ffi.new("uint64_t[4]")
+        self._out32 = ffi.new("uint32_t[1]")
+        self._value_buf: Any = ffi.new("uint8_t[]", 4096)
+        self._value_cap = 4096
+
+    # ---- state -----------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._map.closed:
+            raise CacheClosed(f"reader of {self.name!r} is closed")
+        if self._h.closed:
+            raise CacheClosed(f"cache {self.name!r} was closed by its owner; reopen it")
+
+    @property
+    def resource_version(self) -> int:
+        """The newest published resource version."""
+        self._check_alive()
+        return int(lib.sc_load_acquire(self._p_rv))
+
+    @property
+    def oldest_resource_version(self) -> int:
+        """The effective oldest resource version: that of the oldest event
+        still held, except right after a replace at r with no eviction since,
+        where it is r + 1; 0 for a ring that never held an event."""
+        self._check_alive()
+        return self._window()[2]
+
+    def _window(self) -> tuple[int, int, int]:
+        """A consistent (start_index, end_index, oldest) of the ring."""
+        cap = self.geometry.capacity
+        for _ in range(WINDOW_ATTEMPTS):
+            start = lib.sc_load_acquire(self._p_start)
+            rep_rv = lib.sc_load_acquire(self._p_rep_rv)
+            rep_index = lib.sc_load_acquire(self._p_rep_index)
+            end = lib.sc_load_acquire(self._p_end)
+            if not start <= end <= start + cap:
+                continue
+            if rep_rv and start == rep_index:
+                oldest = rep_rv + 1
+            elif start < end:
+                oldest = int(self._slots[start % cap].rv)
+            else:
+                oldest = 0
+            lib.sc_fence_acquire()
+            if lib.sc_load_acquire(self._p_start) == start and lib.sc_load_acquire(self._p_rep_rv) == rep_rv:
+                return start, end, oldest
+        raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
+
+    # ---- get / list --------------------------------------------------------
+
+    def get(self, key: str) -> Item | None:
+        """The key's current value and resource version, or None.  O(1) and
+        lock-free."""
+        raw = encode_key(key)
+        self._check_alive()
+        out = self._out
+        for _ in range(3):
+            rc = lib.sc_store_get(self._layout, raw, len(raw), self._value_buf, self._value_cap, out, out + 1)
+            if rc == lib.SC_NOTFOUND:
+                return None
+            if rc == lib.SC_OK:
+                return Item(key, ffi.buffer(self._value_buf, out[0])[:], int(out[1]))
+            if rc == lib.SC_NOSPACE and out[0] <= self.geometry.max_record:
+                self._value_cap = max(int(out[0]), 2 * self._value_cap)
+                self._value_buf = ffi.new("uint8_t[]", self._value_cap)
+                continue
+            if rc == lib.SC_RETRY:
+                continue
+            break
+        raise CacheCorrupted(f"cache {self.name!r}: no stable copy of {key!r} (code {rc})")
+
+    def list(self, prefix: str = "") -> Snapshot:
+        """The store's exact state at one resource version, sorted by key.
+
+        Lock-free: a fuzzy copy of the store, then a replay of the ring's
+        events between the store's applied RV and the newest RV
+        (docs/design.md, "list").  If the writer outruns it LIST_ATTEMPTS
+        times, ResourceExpired says why."""
+        raw_prefix = _encode_prefix(prefix)
+        reason = ""
+        for attempt in range(LIST_ATTEMPTS):
+            self._check_alive()
+            if self._h.op_state == lib.SC_OP_REPLACING:
+                reason = "a replace() was in progress"
+                self._wait_change(0.05 * (attempt + 1))
+                continue
+            result = self._try_list(raw_prefix)
+            if isinstance(result, Snapshot):
+                return result
+            reason = result
+        raise ResourceExpired(
+            f"list() found no consistent snapshot in {LIST_ATTEMPTS} attempts: {reason}",
+            oldest_rv=self._window()[2],
+        )
+
+    def _try_list(self, prefix: bytes) -> Snapshot | str:
+        s0 = lib.sc_load_acquire(self._p_store_rv)
+        gen = lib.sc_load_acquire(self._p_gen)
+        items = self._scan_store(gen, prefix)
+        if items is None:
+            return "the store's index was rebuilt during the copy"
+        r1 = int(lib.sc_load_acquire(self._p_rv))
+        if s0 > r1:
+            return "a replace() was in progress"
+        if s0 < r1:
+            start, end, oldest = self._window()
+            if not oldest or s0 < oldest - 1:
+                return f"the events after resource version {s0} were evicted during the copy"
+            index = self._find(start, end, s0)
+            for event in self._copy_events(index, end, prefix, r1):
+                if event is None:
+                    return f"the events after resource version {s0} were evicted during the copy"
+                t, k, v, rv = event
+                if t == lib.SC_DELETED:
+                    items.pop(k, None)
+                else:
+                    items[k] = (v, rv)
+        try:
+            out = [Item(k.decode(), v, rv) for k, (v, rv) in items.items()]
+        except UnicodeDecodeError as err:
+            raise CacheCorrupted(f"cache {self.name!r}: a key is not UTF-8") from err
+        if any(item.rv > r1 for item in out):
+            return "the store moved past the snapshot's resource version"
+        out.sort()
+        return Snapshot(r1, out)
+
+    def _scan_store(self, gen: int, prefix: bytes) -> dict[bytes, tuple[bytes, int]] | None:
+        cap = 1 << 16
+        buf: Any = ffi.new("uint8_t[]", cap)
+        cursor = ffi.new("uint64_t *", 0)
+        used, count = self._out, self._out32
+        items: dict[bytes, tuple[bytes, int]] = {}
+        limit = self.geometry.index_slots
+        while cursor[0] < limit:
+            rc = lib.sc_store_scan(self._layout, gen, cursor, prefix, len(prefix), buf, cap, used, count)
+            if rc == lib.SC_RETRY:
+                return None
+            if rc == lib.SC_NOSPACE:
+                need = int(used[0])
+                if need > self.geometry.max_record + 16:
+                    raise CacheCorrupted(f"cache {self.name!r}: a store record claims {need} bytes")
+                cap = max(need, 2 * cap)
+                buf = ffi.new("uint8_t[]", cap)
+                continue
+            if rc != lib.SC_OK:
+                raise CacheCorrupted(f"cache {self.name!r}: the store holds an impossible record")
+            data = ffi.buffer(buf, used[0])[:]
+            pos = 0
+            for _ in range(count[0]):
+                rv, kl, vl = _SCAN_ITEM.unpack_from(data, pos)
+                pos += 16
+                items[data[pos:pos + kl]] = (data[pos + kl:pos + kl + vl], rv)
+                pos += kl + vl
+        return items
+
+    # ---- the ring ----------------------------------------------------------
+
+    def _find(self, start: int, end: int, since_rv: int) -> int:
+        out = self._out
+        if lib.sc_ring_find(self._layout, start, end, since_rv, out) != lib.SC_OK:
+            raise CacheCorrupted(f"cache {self.name!r}: impossible ring window")
+        return int(out[0])
+
+    def _copy_events(self, index: int, end: int, prefix: bytes, max_rv: int) -> Iterator[tuple[int, bytes, bytes, int] | None]:
+        """Raw (type, key, value, rv) of the events at [index, end) with
+        rv <= max_rv, validated chunk by chunk; None if they were evicted."""
+        buf = _CopyBuffer(256, self.geometry.arena_bytes)
+        while index < end:
+            chunk = buf.fill(self, index, end, prefix)
+            if chunk is None:
+                yield None
+                return
+            index = buf.next_index
+            for t, k, v, rv in chunk:
+                if rv > max_rv:
+                    return
+                yield t, k, v, rv
+
+    def interval(self, since_rv: int, *, prefix: str = "", buffer_size: int = 100) -> Interval:
+        """The events after ``since_rv`` up to the newest one now present,
+        served through a local buffer of at most ``buffer_size`` events
+        (Kubernetes' watchCacheInterval).  ``since_rv == 0``: one ADDED event
+        per item of a consistent snapshot, each carrying the snapshot's RV.
+        ResourceExpired if the events right after ``since_rv`` are gone."""
+        if isinstance(since_rv, bool) or not isinstance(since_rv, int):
+            raise TypeError(f"since_rv must be int, not {type(since_rv).__name__}")
+        if since_rv < 0:
+            raise InvalidSize(f"since_rv={since_rv} must be >= 0")
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int):
+            raise TypeError("buffer_size must be int")
+        if not 1 <= buffer_size <= MAX_BUFFER_SIZE:
+            raise InvalidSize(f"buffer_size={buffer_size} is out of range [1, {MAX_BUFFER_SIZE}]")
+        raw_prefix = _encode_prefix(prefix)
+        self._check_alive()
+        if since_rv == 0:
+            snap = self.list(prefix)
+            events = [_new_event(Event, (EventType.ADDED, i.key, i.value, snap.rv)) for i in snap.items]
+            return Interval(self, snap.rv, -1, -1, raw_prefix, buffer_size, events)
+        start, end, oldest = self._window()
+        if oldest and since_rv < oldest - 1:
+            raise ResourceExpired.too_old(since_rv, oldest)
+        index = self._find(start, end, since_rv)
+        if lib.sc_load_acquire(self._p_start) > index:
+            oldest = self._window()[2]
+            raise ResourceExpired.too_old(since_rv, oldest)
+        return Interval(self, since_rv, index, end, raw_prefix, buffer_size, None)
+
+    def watch(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
+              buffer_size: int = 100) -> Iterator[Event]:
+        """Every event after ``since_rv``, forever: drains intervals, then
+        blocks on the segment's futex (no polling) until the writer publishes
+        more.  ``timeout`` bounds each wait in seconds; on expiry the iterator
+        ends.  ResourceExpired when it fell behind the ring; CacheClosed when
+        the owner closed the cache."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise InvalidSize(f"timeout={timeout!r} must be None or >= 0 seconds")
+        interval = self.interval(since_rv, prefix=prefix, buffer_size=buffer_size)
+        return self._watch(interval, timeout)
+
+    def _watch(self, interval: Interval, timeout: float | None) -> Iterator[Event]:
+        while True:
+            yield from interval
+            position = interval.end_index
+            if position < 0:  # a snapshot: continue from its resource version
+                interval = self.interval(interval.resource_version, prefix=interval.prefix,
+                                         buffer_size=interval.buffer_size)
+                continue
+            if not self._wait_past(position, timeout):
+                return
+            interval = interval.continuation()
+
+    def _wait_past(self, position: int, timeout: float | None) -> bool:
+        """Block until end_index > position; False if timeout expired."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            seq = self._p_notify[0]
+            lib.sc_fence_acquire()
+            self._check_alive()
+            if lib.sc_load_acquire(self._p_end) > position:
+                return True
+            if deadline is None:
+                wait_ns = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait_ns = int(left * 1e9)
+            rc = lib.sc_futex_wait(self._p_notify, seq, wait_ns)
+            if rc == errno.ETIMEDOUT:
+                self._check_alive()
+                return lib.sc_load_acquire(self._p_end) > position
+
+    def _wait_change(self, seconds: float) -> None:
+        seq = self._p_notify[0]
+        lib.sc_futex_wait(self._p_notify, seq, int(seconds * 1e9))
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the segment.  Never unlinks anything: readers do not own it."""
+        if not self._map.closed:
+            self._slots = None
+            self._map.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._map.closed
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shmcache.Reader {self.name!r}{' closed' if self.closed else ''}>"
+
+
+class _CopyBuffer:
+    """An interval's local buffer: metadata and payload of at most
+    ``max_events`` events, grown (up to one arena) only for a big event."""
+
+    def __init__(self, max_events: int, arena_bytes: int) -> None:
+        self.max_events = max_events
+        self._arena_bytes = arena_bytes
+        self._meta = bytearray(max_events * _META.size)
+        self._meta_c = ffi.from_buffer("struct sc_event_meta[]", self._meta)
+        self._cap = min(max(64 * max_events, 4096), arena_bytes)
+        self._data: Any = ffi.new("uint8_t[]", self._cap)
+        self._out = ffi.new("uint64_t[3]")
+        self._count = ffi.new("uint32_t *")
+        self.next_index = 0
+
+    def fill(self, reader: Reader, index: int, end: int, prefix: bytes) -> list[tuple[int, bytes, bytes, int]] | None:
+        """Copy the next events at [index, end); None if the copy was
+        invalidated (startIndex passed index).  Sets next_index."""
+        out, count = self._out, self._count
+        while True:
+            reader._check_alive()
+            rc = lib.sc_ring_copy(reader._layout, index, end, self.max_events, prefix, len(prefix),
+                                  self._meta_c, self._data, self._cap, out, count, out + 1, out + 2)
+            if out[2] > index:
+                return None
+            if rc == lib.SC_NOSPACE:
+                need = int(out[1])
+                if need > self._arena_bytes:
+                    raise CacheCorrupted(f"cache {reader.name!r}: an event claims {need} bytes")
+                self._cap = max(need, min(2 * self._cap, self._arena_bytes))
+                self._data = ffi.new("uint8_t[]", self._cap)
+                continue
+            if rc != lib.SC_OK:
+                raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {out[0]}")
+            break
+        self.next_index = int(out[0])
+        n = count[0]
+        data = ffi.buffer(self._data, out[1])[:]
+        result = []
+        pos = 0
+        for rv, t, kl, vl, _ in _META.iter_unpack(memoryview(self._meta)[: n * _META.size]):
+            result.append((t, data[pos:pos + kl], data[pos + kl:pos + kl + vl], rv))
+            pos += kl + vl
+        return result
+
+
+class Interval:
+    """A bounded run of events, served from a local buffer refilled at most
+    ``buffer_size`` events at a time; each refill is validated after its copy
+    by re-reading startIndex.  Events already served stay valid; a refill
+    whose copy was overtaken by the writer raises ResourceExpired.
+
+    ``resource_version`` is the RV it was built from (``since_rv``, or the
+    snapshot's RV for ``since_rv == 0``).
+    """
+
+    def __init__(self, reader: Reader, rv: int, index: int, end: int, prefix: bytes,
+                 buffer_size: int, events: list[Event] | None) -> None:
+        self._reader = reader
+        self.resource_version = rv
+        self.end_index = end
+        self.prefix = prefix.decode()
+        self.buffer_size = buffer_size
+        self._prefix = prefix
+        self._index = index
+        self._last_rv = rv
+        self._events: list[Event] = events if events is not None else []
+        self._pos = 0
+        self._copy: _CopyBuffer | None = None
+
+    def continuation(self) -> Interval:
+        """The interval after this one, up to the newest event present now
+        (it reuses this interval's buffer)."""
+        start, end, _ = self._reader._window()
+        nxt = Interval(self._reader, self._last_rv, self.end_index, end, self._prefix,
+                       self.buffer_size, None)
+        nxt._copy = self._copy
+        if start > self.end_index:
+            nxt._expired()
+        return nxt
+
+    def _expired(self) -> None:
+        oldest = self._reader._window()[2]
+        raise ResourceExpired.too_old(self._last_rv, oldest)
+
+    def _refill(self) -> bool:
+        if self._index < 0 or self._index >= self.end_index:
+            return False
+        if self._copy is None:
+            self._copy = _CopyBuffer(self.buffer_size, self._reader.geometry.arena_bytes)
+        raw = self._copy.fill(self._reader, self._index, self.end_index, self._prefix)
+        if raw is None:
+            self._expired()
+        assert raw is not None
+        self._index = self._copy.next_index
+        last = self._last_rv
+        events = []
+        try:
+            for t, k, v, rv in raw:
+                if rv <= last:
+                    raise CacheCorrupted(f"cache {self._reader.name!r}: resource versions go backwards")
+                last = rv
+                events.append(_new_event(Event, (_TYPES[t], k.decode(), v, rv)))
+        except UnicodeDecodeError as err:
+            raise CacheCorrupted(f"cache {self._reader.name!r}: a key is not UTF-8") from err
+        if events:
+            self._last_rv = last
+        elif self._index >= self.end_index:
+            return False
+        self._events = events
+        self._pos = 0
+        return True
+
+    def next(self) -> Event | None:
+        """The next event, or None when the interval is drained."""
+        while self._pos >= len(self._events):
+            if not self._refill():
+                return None
+        event = self._events[self._pos]
+        self._pos += 1
+        return event
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            if self._pos < len(self._events):
+                batch = self._events[self._pos:] if self._pos else self._events
+                self._pos = len(self._events)
+                yield from batch
+            if not self._refill():
+                return

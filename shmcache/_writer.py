@@ -1,0 +1,547 @@
+"""The writer side: create or open a cache read-write and change it under the
+writers' lock.
+
+Every mutation is validated completely before anything is written (so an
+error changes nothing), then applied by ``sc_apply``: ring publication first,
+store second, the ring being the store's write-ahead log for crash recovery.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import posix_ipc
+
+from ._layout import (
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_KEY_BYTES,
+    Geometry,
+    Mapping,
+    check_name,
+    create_segment,
+    open_segment,
+    sem_name,
+    shm_name,
+)
+from ._lock import WriterLock
+from ._native import ffi, lib
+from ._owner import Liveness, ProcessIdentity, judge, me
+from .exceptions import (
+    CacheClosed,
+    CacheCorrupted,
+    CacheExists,
+    CacheFull,
+    CacheNotFound,
+    InvalidKey,
+    InvalidResourceVersion,
+    InvalidSize,
+    ValueTooLarge,
+)
+
+__all__ = ["Writer", "encode_key"]
+
+DEFAULT_CAPACITY = 4096
+DEFAULT_ARENA_BYTES = 16 << 20
+DEFAULT_MAX_KEYS = 65536
+DEFAULT_STORE_BYTES = 64 << 20
+MAX_RV = (1 << 63) - 1
+
+ValueLike = bytes | bytearray | memoryview
+
+
+def encode_key(key: object) -> bytes:
+    """The UTF-8 bytes of a valid key; TypeError or InvalidKey otherwise."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be str, not {type(key).__name__}")
+    try:
+        raw = key.encode()
+    except UnicodeEncodeError as err:
+        raise InvalidKey(f"key {key!r} is not encodable as UTF-8: {err.reason}") from err
+    if not raw:
+        raise InvalidKey("key must not be empty")
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidKey(f"key is {len(raw)} UTF-8 bytes; at most {MAX_KEY_BYTES} are allowed")
+    return raw
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"value must be bytes-like, not {type(value).__name__}")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Writer:
+    """Writes one cache.  Several writers, in several processes, may write the
+    same cache; each mutation happens under the cache's named semaphore.
+
+    ``create=True`` creates the segment (sizes fixed for its lifetime:
+    ``capacity`` ring events, ``arena_bytes`` of ring payload, ``max_keys``
+    keys whose store records total at most ``store_bytes``) and makes this
+    writer its *creator*, the only one that unlinks it.  If the name exists
+    and its creator is alive → CacheExists; if the creator is dead, the stale
+    segment is closed (its readers get CacheClosed) and replaced.
+    ``create=False`` opens an existing cache read-write (CacheNotFound if
+    none).  ``lock_timeout`` (seconds) bounds the wait for a live holder of
+    the lock (LockTimeout).  A Writer is safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        arena_bytes: int = DEFAULT_ARENA_BYTES,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        store_bytes: int = DEFAULT_STORE_BYTES,
+        create: bool = True,
+        mode: int = 0o640,
+        lock_timeout: float = 5.0,
+    ) -> None:
+        self.name = check_name(name)
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+            raise TypeError("lock_timeout must be a number of seconds")
+        if not 0 < lock_timeout < 1e9:
+            raise InvalidSize(f"lock_timeout={lock_timeout} must be > 0 seconds")
+        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise InvalidSize(f"mode={mode!r} must be permission bits, e.g. 0o640")
+        self._thread_lock = threading.Lock()
+        self._closed = False
+        self.is_creator = create
+        if create:
+            geometry = Geometry.plan(capacity, arena_bytes, max_keys, store_bytes)
+            self._map, self._sem, self._inode = self._create(geometry, mode, lock_timeout)
+        else:
+            self._map = open_segment(self.name, writable=True)
+            self._inode = 0
+            try:
+                self._sem = posix_ipc.Semaphore(sem_name(self.name))
+            except posix_ipc.ExistentialError as err:
+                self._map.close()
+                raise CacheNotFound(f"cache {name!r} has no writers' semaphore") from err
+        self.geometry = self._map.geometry
+        self._h: Any = self._map.header
+        self._layout: Any = self._map.layout
+        self._rv_p: Any = self._map.field("rv")
+        self._lock = WriterLock(self._map, self._sem, float(lock_timeout))
+
+    # ---- creation ------------------------------------------------------
+
+    def _create(self, geometry: Geometry, mode: int, timeout: float) -> tuple[Mapping, Any, int]:
+        for _ in range(5):
+            try:
+                mapping = create_segment(self.name, geometry, mode)
+                break
+            except FileExistsError:
+                _retire_stale(self.name, timeout)
+        else:
+            raise CacheExists(f"cache {self.name!r} keeps being re-created by other processes")
+        try:
+            inode = os.stat(_dev_shm(shm_name(self.name))).st_ino
+            try:
+                posix_ipc.unlink_semaphore(sem_name(self.name))
+            except posix_ipc.ExistentialError:
+                pass
+            sem = posix_ipc.Semaphore(sem_name(self.name), posix_ipc.O_CREX, mode=mode,
+                                      initial_value=1)
+            try:
+                os.chmod(_dev_shm("/sem." + sem_name(self.name)[1:]), mode)
+            except OSError:
+                pass  # not glibc's layout: the umask-filtered mode stands
+            _init_header(mapping, geometry)
+        except BaseException:
+            mapping.close()
+            _unlink_quietly(self.name)
+            raise
+        return mapping, sem, inode
+
+    # ---- properties ----------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        """The newest published resource version (0 for a new cache)."""
+        self._check_open()
+        return int(lib.sc_load_acquire(self._rv_p))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- mutations -----------------------------------------------------
+
+    def put(self, key: str, value: ValueLike, *, rv: int | None = None) -> int:
+        """Set ``key`` to ``value``: an ADDED event if the key was absent,
+        MODIFIED otherwise.  Returns the event's resource version."""
+        raw = encode_key(key)
+        data = self._check_value(raw, _as_bytes(value))
+        with self._locked():
+            new_rv = self._next_rv(rv)
+            self._simulate([(raw, data)], [key])
+            self._apply(lib.SC_ADDED, raw, data, new_rv)
+        return new_rv
+
+    def delete(self, key: str, *, rv: int | None = None) -> int:
+        """Remove ``key`` (KeyError if absent): a DELETED event carrying the
+        last value.  Returns the event's resource version."""
+        raw = encode_key(key)
+        with self._locked():
+            new_rv = self._next_rv(rv)
+            self._simulate([(raw, None)], [key])
+            self._apply(lib.SC_DELETED, raw, b"", new_rv)
+        return new_rv
+
+    def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
+        """Apply ``(key, value)`` pairs in order under one lock hold, ``None``
+        meaning delete; each gets its own resource version (readers may see
+        a prefix of the batch).  The whole batch is validated first: on any
+        error nothing is changed.  Returns the last resource version (the
+        current one for an empty batch)."""
+        keys: list[str] = []
+        batch: list[tuple[bytes, bytes | None]] = []
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"put_many items are (key, value) pairs, not {item!r:.60}")
+            key, value = item
+            raw = encode_key(key)
+            keys.append(key)
+            batch.append((raw, None if value is None else self._check_value(raw, _as_bytes(value))))
+        with self._locked():
+            rv = self._next_rv(None) - 1
+            self._simulate(batch, keys)
+            for raw, data in batch:
+                rv += 1
+                if data is None:
+                    self._apply(lib.SC_DELETED, raw, b"", rv)
+                else:
+                    self._apply(lib.SC_ADDED, raw, data, rv)
+            return rv
+
+    def replace(self, items: Iterable[tuple[str, ValueLike]], *, rv: int) -> int:
+        """Make the store exactly ``items`` at resource version ``rv`` (a
+        relist, as Kubernetes' Replace) and empty the ring's window: readers
+        of the old window get ResourceExpired at their next refill.  Keys
+        must be unique.  Returns ``rv``."""
+        if rv is None:
+            raise TypeError("replace() needs an explicit rv")
+        batch: dict[bytes, bytes] = {}
+        need_bytes = 0
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"replace items are (key, value) pairs, not {item!r:.60}")
+            key, value = item
+            raw = encode_key(key)
+            if raw in batch:
+                raise InvalidKey(f"duplicate key {key!r} in replace()")
+            data = batch[raw] = self._check_value(raw, _as_bytes(value))
+            need_bytes += lib.sc_record_size(len(raw), len(data))
+        g = self.geometry
+        if len(batch) > g.max_keys or need_bytes > g.store_bytes:
+            raise CacheFull(
+                f"replace() needs {len(batch)} keys / {need_bytes} record bytes; "
+                f"the store holds {g.max_keys} keys / {g.store_bytes} bytes"
+            )
+        with self._locked():
+            new_rv = self._next_rv(rv)
+            h = self._h
+            h.op_arg = new_rv
+            h.op_state = lib.SC_OP_REPLACING
+            self._expire_window(new_rv)
+            lib.sc_store_clear(self._layout)
+            for raw, data in batch.items():
+                if lib.sc_apply(self._layout, lib.SC_ADDED, raw, len(raw), data, len(data), new_rv, 0) < 0:
+                    raise CacheCorrupted("store rejected a validated record during replace()")
+            self._finish_replace(new_rv)
+        return new_rv
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def close(self, *, unlink: bool | None = None) -> None:
+        """Detach.  The creator (by default) also closes the cache for its
+        readers (they get CacheClosed) and unlinks the segment and the
+        semaphore — only if the name still names its own segment."""
+        with self._thread_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if unlink is None:
+                unlink = self.is_creator
+            if unlink:
+                self._h.closed = 1
+                lib.sc_notify(self._layout)
+                if self._still_mine():
+                    _unlink_quietly(self.name)
+            self._map.close()
+            self._sem.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"rv={self.resource_version}"
+        return f"<shmcache.Writer {self.name!r} {state}>"
+
+    # ---- internals -----------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosed(f"writer of {self.name!r} is closed")
+
+    def _still_mine(self) -> bool:
+        if not self.is_creator:
+            return False
+        try:
+            return os.stat(_dev_shm(shm_name(self.name))).st_ino == self._inode
+        except OSError:
+            return False
+
+    def _check_value(self, raw: bytes, data: bytes) -> bytes:
+        g = self.geometry
+        if len(raw) + len(data) > g.arena_bytes:
+            raise ValueTooLarge(
+                f"key + value are {len(raw) + len(data)} bytes; the ring arena holds {g.arena_bytes}"
+            )
+        size = lib.sc_record_size(len(raw), len(data))
+        if size > g.max_record:
+            raise ValueTooLarge(
+                f"store record of {size} bytes exceeds the largest one this cache takes "
+                f"({g.max_record} bytes: half of store_bytes)"
+            )
+        return data
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            self._check_open()
+            if self._h.closed:
+                raise CacheClosed(f"cache {self.name!r} was closed by its owner")
+            self._lock.acquire()
+            published = False
+            try:
+                if self._h.op_state != lib.SC_OP_IDLE:
+                    self._repair()
+                self._h.op_state = lib.SC_OP_MUTATING
+                end0 = self._h.end_index
+                yield
+                published = True
+            finally:
+                self._h.op_state = lib.SC_OP_IDLE
+                self._lock.release()
+                if published or self._h.end_index != end0:
+                    lib.sc_notify(self._layout)
+
+    def _next_rv(self, rv: int | None) -> int:
+        current = int(self._h.rv)
+        if rv is None:
+            if current >= MAX_RV:
+                raise InvalidResourceVersion("resource versions are exhausted")
+            return current + 1
+        if isinstance(rv, bool) or not isinstance(rv, int):
+            raise TypeError(f"rv must be int, not {type(rv).__name__}")
+        if not current < rv <= MAX_RV:
+            raise InvalidResourceVersion(
+                f"rv {rv} must be greater than the current resource version {current}"
+                + (f" and at most {MAX_RV}" if rv > MAX_RV else "")
+            )
+        return rv
+
+    def _simulate(self, batch: list[tuple[bytes, bytes | None]], keys: list[str]) -> None:
+        """Check that every step of the batch fits the store, in order, before
+        anything is written.  KeyError for a delete of an absent key."""
+        g, h = self.geometry, self._h
+        live_keys, live_bytes = int(h.live_keys), int(h.live_bytes)
+        sizes: dict[bytes, int] = {}  # record size after the steps so far; -1 absent
+        for (raw, data), key in zip(batch, keys):
+            old = sizes.get(raw)
+            if old is None:
+                old = int(lib.sc_store_lookup(self._layout, raw, len(raw)))
+            if data is None:
+                if old < 0:
+                    raise KeyError(key)
+                live_keys -= 1
+                live_bytes -= old
+                sizes[raw] = -1
+                continue
+            new = int(lib.sc_record_size(len(raw), len(data)))
+            if old < 0:
+                live_keys += 1
+            else:
+                live_bytes -= old
+            live_bytes += new
+            if live_keys > g.max_keys:
+                raise CacheFull(f"the store holds at most {g.max_keys} keys")
+            if live_bytes > g.store_bytes:
+                raise CacheFull(
+                    f"the store holds at most {g.store_bytes} record bytes "
+                    f"({live_bytes - new} in use, {new} more needed)"
+                )
+            sizes[raw] = new
+
+    def _apply(self, event_type: int, raw: bytes, data: bytes, rv: int) -> None:
+        flags = lib.SC_APPLY_RING | lib.SC_APPLY_STORE_RV
+        if lib.sc_apply(self._layout, event_type, raw, len(raw), data, len(data), rv, flags) < 0:
+            raise CacheCorrupted(f"cache {self.name!r}: the store rejected a validated change")
+
+    def _expire_window(self, rv: int) -> None:
+        end = lib.sc_load_acquire(self._map.field("end_index"))
+        lib.sc_store_release(self._map.field("replace_index"), end)
+        lib.sc_store_release(self._map.field("replace_rv"), rv)
+        lib.sc_store_release(self._map.field("start_index"), end)
+
+    def _finish_replace(self, rv: int) -> None:
+        lib.sc_store_release(self._map.field("store_rv"), rv)
+        lib.sc_store_release(self._rv_p, rv)
+
+    def _repair(self) -> None:
+        """Finish or roll back what a dead lock holder left half-done."""
+        h = self._h
+        if h.op_state == lib.SC_OP_REPLACING:
+            rv = int(h.op_arg)
+            self._expire_window(rv)
+            lib.sc_store_clear(self._layout)
+            self._finish_replace(rv)
+        else:
+            rc = lib.sc_recount(self._layout)
+            if rc == lib.SC_OK:
+                rc = lib.sc_replay(self._layout)
+            if rc != lib.SC_OK:
+                raise CacheCorrupted(f"cache {self.name!r} cannot be repaired (code {rc})")
+        h.op_state = lib.SC_OP_IDLE
+
+
+# ---- creation helpers ------------------------------------------------------
+
+
+def _dev_shm(posix_name: str) -> str:
+    return "/dev/shm/" + posix_name.lstrip("/")
+
+
+def _unlink_quietly(name: str) -> None:
+    for unlink, posix_name in (
+        (posix_ipc.unlink_shared_memory, shm_name(name)),
+        (posix_ipc.unlink_semaphore, sem_name(name)),
+    ):
+        try:
+            unlink(posix_name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def _init_header(mapping: Mapping, g: Geometry) -> None:
+    h: Any = mapping.header
+    ident = me()
+    h.creator_pid = ident.pid
+    h.creator_start_ms = ident.start_ms
+    h.creator_pidns = ident.pidns
+    h.creator_boot = ident.boot
+    h.layout_version = LAYOUT_VERSION
+    h.header_bytes = ffi.sizeof("struct sc_header")
+    h.total_bytes = g.total_bytes
+    h.epoch = secrets.randbits(64) | 1
+    h.capacity = g.capacity
+    h.arena_bytes = g.arena_bytes
+    h.max_keys = g.max_keys
+    h.store_bytes = g.store_bytes
+    h.index_slots = g.index_slots
+    h.heap_bytes = g.heap_bytes
+    h.slots_offset = g.slots_offset
+    h.arena_offset = g.arena_offset
+    h.index_offset = list(g.index_offsets)
+    h.heap_offset = g.heap_offset
+    h.hash_seed = secrets.randbits(64)
+    h.created_ms = _now_ms()
+    mapping.layout.hash_seed = h.hash_seed
+    lib.sc_store_release(mapping.field("magic"), MAGIC)
+
+
+def _retire_stale(name: str, timeout: float) -> None:
+    """The name exists: raise CacheExists if its creator lives, else close
+    and unlink the stale segment.  An exclusive flock on the old segment
+    serialises competing creators; each re-checks that the name still names
+    the segment it judged before unlinking."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name))
+    except posix_ipc.ExistentialError:
+        return  # gone meanwhile: just try to create again
+    except posix_ipc.PermissionsError as err:
+        raise PermissionError(f"cache {name!r} exists and is not ours to replace: {err}") from err
+    fd: int = shm.fd
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CacheExists(f"cache {name!r} is being replaced by another process") from None
+                time.sleep(0.005)
+        try:
+            if os.stat(_dev_shm(shm_name(name))).st_ino != os.fstat(fd).st_ino:
+                return
+        except FileNotFoundError:
+            return
+        creator = _read_creator(fd, name, timeout)
+        verdict = judge(creator)
+        if verdict is not Liveness.DEAD:
+            where = " (in another PID namespace)" if verdict is Liveness.UNKNOWABLE else ""
+            raise CacheExists(f"cache {name!r} is owned by live pid {creator.pid}{where}")
+        _close_segment(fd)
+        _unlink_quietly(name)
+    finally:
+        os.close(fd)  # also drops the flock
+
+
+def _read_creator(fd: int, name: str, timeout: float) -> ProcessIdentity:
+    deadline = time.monotonic() + timeout
+    while True:
+        size = os.fstat(fd).st_size
+        if size >= ffi.sizeof("struct sc_header"):
+            with mmap.mmap(fd, ffi.sizeof("struct sc_header"), prot=mmap.PROT_READ) as mm:
+                view = ffi.from_buffer("uint8_t[]", mm)
+                h: Any = ffi.cast("struct sc_header *", view)
+                magic = lib.sc_load_acquire(ffi.addressof(h[0], "magic"))
+                ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ms),
+                                        int(h.creator_pidns), int(h.creator_boot))
+                ffi.release(view)
+            if magic not in (0, MAGIC):
+                raise CacheCorrupted(
+                    f"{_dev_shm(shm_name(name))} is not a shmcache segment; remove it by hand"
+                )
+            if ident.pid:
+                return ident
+        if time.monotonic() > deadline:
+            # never initialised: its creator died before writing a byte
+            return ProcessIdentity(0, 0, me().pidns, me().boot)
+        time.sleep(0.005)
+
+
+def _close_segment(fd: int) -> None:
+    """Set the stale segment's closed flag and wake its readers."""
+    size = os.fstat(fd).st_size
+    if size < ffi.sizeof("struct sc_header"):
+        return
+    with mmap.mmap(fd, ffi.sizeof("struct sc_header")) as mm:
+        view = ffi.from_buffer("uint8_t[]", mm)
+        h: Any = ffi.cast("struct sc_header *", view)
+        h.closed = 1
+        lay = ffi.new("struct sc_layout *")
+        lay.base = view
+        lib.sc_notify(lay)
+        ffi.release(view)
