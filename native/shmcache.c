@@ -397,6 +397,78 @@ int sc_apply(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t ke
     return (int)type;
 }
 
+static int64_t next_rv(struct sc_header *h, uint64_t rv)
+{
+    uint64_t current = h->rv;
+    if (rv == 0)
+        return current < INT64_MAX ? (int64_t)current + 1 : -SC_BAD_RV;
+    return rv > current && rv <= INT64_MAX ? (int64_t)rv : -SC_BAD_RV;
+}
+
+/* put() of one key under the lock: resource version (rv 0: current + 1),
+ * capacity check, then sc_apply.  Returns the event's rv or a negative
+ * SC_* code with nothing changed.  Sizes were validated by the caller. */
+int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+               const uint8_t *value, uint32_t value_len, uint64_t rv, uint64_t max_keys,
+               uint64_t store_bytes)
+{
+    struct sc_header *h = hdr(L);
+    int64_t new_rv = next_rv(h, rv);
+    if (new_rv < 0)
+        return new_rv;
+    int64_t old = sc_store_lookup(L, key, key_len);
+    uint64_t size = sc_record_size(key_len, value_len);
+    if (old < 0 && h->live_keys >= max_keys)
+        return -SC_FULL_KEYS;
+    if (h->live_bytes - (old < 0 ? 0 : (uint64_t)old) + size > store_bytes)
+        return -SC_FULL_BYTES;
+    int rc = sc_apply(L, SC_ADDED, key, key_len, value, value_len, (uint64_t)new_rv,
+                      SC_APPLY_RING | SC_APPLY_STORE_RV);
+    return rc < 0 ? rc : new_rv;
+}
+
+int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t rv)
+{
+    int64_t new_rv = next_rv(hdr(L), rv);
+    if (new_rv < 0)
+        return new_rv;
+    int rc = sc_apply(L, SC_DELETED, key, key_len, NULL, 0, (uint64_t)new_rv,
+                      SC_APPLY_RING | SC_APPLY_STORE_RV);
+    return rc < 0 ? rc : new_rv;
+}
+
+/* ---- the writers' lock: the token half (lock.py holds the protocol) ------- */
+
+int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner)
+{
+    struct sc_header *h = hdr(L);
+    if (!sc_cas(&h->lock_token, 0, token))
+        return 0;
+    __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
+    h->owner_pid = owner->pid;
+    h->owner_start_ms = owner->start_ms;
+    h->owner_pidns = owner->pidns;
+    h->owner_boot = owner->boot;
+    STORE_REL(h->owner_info_gen, token);
+    if (h->op_state != SC_OP_IDLE)
+        return 2;
+    h->op_state = SC_OP_MUTATING;
+    return 1;
+}
+
+void sc_lock_release(struct sc_layout *L, int notify)
+{
+    struct sc_header *h = hdr(L);
+    /* a replace or repair cut short by an exception stays marked for the
+     * next holder; only a completed single-event change is idle */
+    if (h->op_state == SC_OP_MUTATING)
+        h->op_state = SC_OP_IDLE;
+    __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
+    STORE_REL(h->lock_token, 0);
+    if (notify)
+        sc_notify(L);
+}
+
 /* Empty the store (replace, and recovery from a crashed replace). */
 int sc_store_clear(struct sc_layout *L)
 {

@@ -31,6 +31,12 @@
 #define SC_OP_IDLE 0
 #define SC_OP_MUTATING 1
 #define SC_OP_REPLACING 2
+#define SC_OP_BROKEN 3      /* a repair failed: the next holder tries again */
+
+/* negative results of sc_put / sc_delete besides -SC_NOTFOUND and -SC_CORRUPT */
+#define SC_FULL_KEYS 6      /* the store already holds max_keys keys */
+#define SC_FULL_BYTES 7     /* the store's records would exceed store_bytes */
+#define SC_BAD_RV 8         /* an explicit rv not greater than the current one */
 
 /* flags of sc_apply */
 #define SC_APPLY_RING 1       /* publish the event to the ring first */
@@ -142,6 +148,14 @@ struct sc_event_meta {
     uint32_t reserved;
 };
 
+/* a lock holder's identity, as recorded in the header */
+struct sc_owner {
+    uint64_t pid;
+    uint64_t start_ms;
+    uint64_t pidns;
+    uint64_t boot;
+};
+
 /* what a process knows about one mapping; built and validated by layout.py */
 struct sc_layout {
     uint8_t *base;
@@ -179,6 +193,14 @@ int64_t sc_store_lookup(struct sc_layout *L, const uint8_t *key, uint32_t key_le
 uint64_t sc_record_size(uint32_t key_len, uint32_t value_len);
 int sc_apply(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t key_len,
              const uint8_t *value, uint32_t value_len, uint64_t rv, int flags);
+int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+               const uint8_t *value, uint32_t value_len, uint64_t rv, uint64_t max_keys,
+               uint64_t store_bytes);
+int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t rv);
+/* 0: the token is taken (a void acquisition); 1: claimed, op_state was idle
+ * and is now SC_OP_MUTATING; 2: claimed, op_state was not idle (repair first) */
+int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner);
+void sc_lock_release(struct sc_layout *L, int notify);
 int sc_store_clear(struct sc_layout *L);
 int sc_recount(struct sc_layout *L);
 int sc_replay(struct sc_layout *L);

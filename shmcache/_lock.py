@@ -23,17 +23,30 @@ compare-and-swap from 0) is the truth about who holds the lock.  docs/design.md
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import posix_ipc
 
 from ._layout import Mapping
-from ._native import lib
+from ._native import ffi, lib
 from ._owner import Liveness, ProcessIdentity, judge, me
 from .exceptions import LockTimeout
 
 __all__ = ["WriterLock"]
+
+# getpid() is a system call, too dear for every acquisition: cache it, and
+# refresh it in a forked child.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
 
 
 class WriterLock:
@@ -48,14 +61,18 @@ class WriterLock:
         self._seq_p: Any = mapping.field("lock_seq")
         self._info_p: Any = mapping.field("owner_info_gen")
         self._token = 0
+        self._owner: Any = ffi.new("struct sc_owner *")
+        self._owner_pid = 0
 
     @property
     def held(self) -> bool:
         return self._token != 0
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
         """Take the lock, recovering it from a dead holder; LockTimeout if a
-        live holder keeps it for ``timeout`` seconds."""
+        live holder keeps it for ``timeout`` seconds.  Returns True if the
+        segment needs repair first (the previous holder died mid-change);
+        otherwise op_state is now SC_OP_MUTATING."""
         deadline = time.monotonic() + self._timeout
         suspect: tuple[int, int] | None = None
         while True:
@@ -65,8 +82,9 @@ class WriterLock:
             except posix_ipc.BusyError:
                 pass
             else:
-                if self._claim():
-                    return
+                claimed = self._claim()
+                if claimed:
+                    return claimed == 2
                 continue  # void acquisition: absorbed a surplus count
             verdict = self._judge_holder(suspect)
             if verdict is None:  # recovered, or the holder changed: wait afresh
@@ -77,29 +95,29 @@ class WriterLock:
                 suspect = verdict
             deadline = time.monotonic() + self._timeout
 
-    def release(self) -> None:
+    def release(self, notify: bool) -> None:
+        """Release; marks the segment's op_state idle and, with ``notify``,
+        wakes the readers waiting on the futex."""
         if not self._token:
             raise RuntimeError("release of a lock this writer does not hold")
-        lib.sc_fetch_add(self._seq_p, 1)
-        lib.sc_store_release(self._token_p, 0)
+        lib.sc_lock_release(self._map.layout, notify)
         self._token = 0
         self._sem.release()
 
-    def _claim(self) -> bool:
-        ident = me()
+    def _claim(self) -> int:
+        owner = self._owner
+        pid = _pid
+        if pid != self._owner_pid:  # first use, or a forked child
+            ident = me()
+            owner.pid, owner.start_ms, owner.pidns, owner.boot = (
+                ident.pid, ident.start_ms, ident.pidns, ident.boot)
+            self._owner_pid = pid
         seq = lib.sc_load_acquire(self._seq_p)
-        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (ident.pid & 0xFFFFFFFF)
-        if not lib.sc_cas(self._token_p, 0, token):
-            return False
-        lib.sc_fetch_add(self._seq_p, 1)
-        h = self._map.header
-        h.owner_pid = ident.pid
-        h.owner_start_ms = ident.start_ms
-        h.owner_pidns = ident.pidns
-        h.owner_boot = ident.boot
-        lib.sc_store_release(self._info_p, token)
-        self._token = token
-        return True
+        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (pid & 0xFFFFFFFF)
+        claimed: int = lib.sc_lock_claim(self._map.layout, token, owner)
+        if claimed:
+            self._token = token
+        return claimed
 
     def _judge_holder(self, suspect: tuple[int, int] | None) -> str | tuple[int, int] | None:
         """After a timed-out wait: "alive", None (recovered or changed: wait

@@ -134,6 +134,8 @@ class Writer:
                 self._map.close()
                 raise CacheNotFound(f"cache {name!r} has no writers' semaphore") from err
         self.geometry = self._map.geometry
+        self._arena_bytes = self.geometry.arena_bytes
+        self._max_record = self.geometry.max_record
         self._h: Any = self._map.header
         self._layout: Any = self._map.layout
         self._rv_p: Any = self._map.field("rv")
@@ -188,21 +190,31 @@ class Writer:
         MODIFIED otherwise.  Returns the event's resource version."""
         raw = encode_key(key)
         data = self._check_value(raw, _as_bytes(value))
-        with self._locked():
-            new_rv = self._next_rv(rv)
-            self._simulate([(raw, data)], [key])
-            self._apply(lib.SC_ADDED, raw, data, new_rv)
-        return new_rv
+        want = self._check_rv(rv)
+        g = self.geometry
+        with self._thread_lock:
+            self._begin()
+            result = 0
+            try:
+                result = lib.sc_put(self._layout, raw, len(raw), data, len(data), want,
+                                    g.max_keys, g.store_bytes)
+            finally:
+                self._end(published=result > 0)
+        return self._result(result, key, rv)
 
     def delete(self, key: str, *, rv: int | None = None) -> int:
         """Remove ``key`` (KeyError if absent): a DELETED event carrying the
         last value.  Returns the event's resource version."""
         raw = encode_key(key)
-        with self._locked():
-            new_rv = self._next_rv(rv)
-            self._simulate([(raw, None)], [key])
-            self._apply(lib.SC_DELETED, raw, b"", new_rv)
-        return new_rv
+        want = self._check_rv(rv)
+        with self._thread_lock:
+            self._begin()
+            result = 0
+            try:
+                result = lib.sc_delete(self._layout, raw, len(raw), want)
+            finally:
+                self._end(published=result > 0)
+        return self._result(result, key, rv)
 
     def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
         """Apply ``(key, value)`` pairs in order under one lock hold, ``None``
@@ -265,6 +277,7 @@ class Writer:
                 if lib.sc_apply(self._layout, lib.SC_ADDED, raw, len(raw), data, len(data), new_rv, 0) < 0:
                     raise CacheCorrupted("store rejected a validated record during replace()")
             self._finish_replace(new_rv)
+            h.op_state = lib.SC_OP_MUTATING  # done: the release marks it idle
         return new_rv
 
     # ---- lifecycle -----------------------------------------------------
@@ -312,39 +325,73 @@ class Writer:
             return False
 
     def _check_value(self, raw: bytes, data: bytes) -> bytes:
-        g = self.geometry
-        if len(raw) + len(data) > g.arena_bytes:
+        n = len(raw) + len(data)
+        if n > self._arena_bytes:
             raise ValueTooLarge(
-                f"key + value are {len(raw) + len(data)} bytes; the ring arena holds {g.arena_bytes}"
+                f"key + value are {n} bytes; the ring arena holds {self._arena_bytes}"
             )
-        size = lib.sc_record_size(len(raw), len(data))
-        if size > g.max_record:
+        size = (n + 31) & ~7  # sc_record_size: 24-byte header, padded to 8
+        if size > self._max_record:
+            g = self.geometry
             raise ValueTooLarge(
                 f"store record of {size} bytes exceeds the largest one this cache takes "
                 f"({g.max_record} bytes: half of store_bytes)"
             )
         return data
 
+    def _begin(self) -> None:
+        """Take the writers' lock (the caller holds the thread lock) and
+        repair what a dead holder left half-done."""
+        self._check_open()
+        if self._h.closed:
+            raise CacheClosed(f"cache {self.name!r} was closed by its owner")
+        if self._lock.acquire():
+            try:
+                self._repair()
+            except BaseException:
+                self._h.op_state = lib.SC_OP_BROKEN
+                self._lock.release(notify=True)
+                raise
+            self._h.op_state = lib.SC_OP_MUTATING
+
+    def _end(self, published: bool) -> None:
+        self._lock.release(notify=published)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with self._thread_lock:
-            self._check_open()
-            if self._h.closed:
-                raise CacheClosed(f"cache {self.name!r} was closed by its owner")
-            self._lock.acquire()
-            published = False
+            self._begin()
             try:
-                if self._h.op_state != lib.SC_OP_IDLE:
-                    self._repair()
-                self._h.op_state = lib.SC_OP_MUTATING
-                end0 = self._h.end_index
                 yield
-                published = True
             finally:
-                self._h.op_state = lib.SC_OP_IDLE
-                self._lock.release()
-                if published or self._h.end_index != end0:
-                    lib.sc_notify(self._layout)
+                self._end(published=True)
+
+    def _check_rv(self, rv: int | None) -> int:
+        """0 for "next", else a syntactically valid explicit rv."""
+        if rv is None:
+            return 0
+        if isinstance(rv, bool) or not isinstance(rv, int):
+            raise TypeError(f"rv must be int, not {type(rv).__name__}")
+        if not 0 < rv <= MAX_RV:
+            raise InvalidResourceVersion(f"rv {rv} must be in [1, {MAX_RV}]")
+        return rv
+
+    def _result(self, result: int, key: str, rv: int | None) -> int:
+        if result > 0:
+            return result
+        code = -result
+        g = self.geometry
+        if code == lib.SC_NOTFOUND:
+            raise KeyError(key)
+        if code == lib.SC_BAD_RV:
+            raise InvalidResourceVersion(
+                f"rv {rv} must be greater than the current resource version {self.resource_version}"
+            )
+        if code == lib.SC_FULL_KEYS:
+            raise CacheFull(f"the store holds at most {g.max_keys} keys")
+        if code == lib.SC_FULL_BYTES:
+            raise CacheFull(f"the store holds at most {g.store_bytes} record bytes")
+        raise CacheCorrupted(f"cache {self.name!r}: the store rejected a validated change (code {code})")
 
     def _next_rv(self, rv: int | None) -> int:
         current = int(self._h.rv)
@@ -409,7 +456,8 @@ class Writer:
         lib.sc_store_release(self._rv_p, rv)
 
     def _repair(self) -> None:
-        """Finish or roll back what a dead lock holder left half-done."""
+        """Finish or roll back what a dead lock holder (or an exception in
+        replace()) left half-done."""
         h = self._h
         if h.op_state == lib.SC_OP_REPLACING:
             rv = int(h.op_arg)
