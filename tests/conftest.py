@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .helpers import leftovers, remove_cache, unique_name
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A unique cache name; whatever the test leaves under it is removed."""
+    n = unique_name()
+    yield n
+    remove_cache(n)
+    assert not leftovers(n), f"left in /dev/shm: {leftovers(n)}"

@@ -1,0 +1,52 @@
+"""Shared test helpers: unique cache names and their cleanup, child processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import posix_ipc
+
+_counter = itertools.count()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unique_name(tag: str = "t") -> str:
+    """A cache name no other test (in any xdist worker) uses."""
+    return f"{tag}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
+
+
+def remove_cache(name: str) -> bool:
+    """Unlink whatever cache ``name`` left in /dev/shm; True if anything was there."""
+    found = False
+    for unlink, posix_name in (
+        (posix_ipc.unlink_shared_memory, f"/shmcache.{name}"),
+        (posix_ipc.unlink_semaphore, f"/shmcache.{name}.lock"),
+    ):
+        try:
+            unlink(posix_name)
+            found = True
+        except posix_ipc.ExistentialError:
+            pass
+    return found
+
+
+def leftovers(name: str) -> list[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if name in f)
+
+
+def python(code: str, *args: str, **popen: object) -> subprocess.Popen[str]:
+    """Start ``python -c code args...`` with the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        text=True,
+        **popen,
+    )
