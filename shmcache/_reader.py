@@ -264,6 +264,11 @@ class Reader:
             snap = self.list(prefix)
             events = [_new_event(Event, (EventType.ADDED, i.key, i.value, snap.rv)) for i in snap.items]
             return Interval(self, snap.rv, -1, -1, raw_prefix, buffer_size, events)
+        return self._interval_after(since_rv, raw_prefix, buffer_size)
+
+    def _interval_after(self, since_rv: int, prefix: bytes, buffer_size: int) -> Interval:
+        """The events with rv > since_rv (since_rv may be 0 here: after an
+        empty snapshot, "everything")."""
         start, end, oldest = self._window()
         if oldest and since_rv < oldest - 1:
             raise ResourceExpired.too_old(since_rv, oldest)
@@ -271,7 +276,7 @@ class Reader:
         if lib.sc_load_acquire(self._p_start) > index:
             oldest = self._window()[2]
             raise ResourceExpired.too_old(since_rv, oldest)
-        return Interval(self, since_rv, index, end, raw_prefix, buffer_size, None)
+        return Interval(self, since_rv, index, end, prefix, buffer_size, None)
 
     def watch(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
               buffer_size: int = 100) -> Iterator[Event]:
@@ -289,9 +294,9 @@ class Reader:
         while True:
             yield from interval
             position = interval.end_index
-            if position < 0:  # a snapshot: continue from its resource version
-                interval = self.interval(interval.resource_version, prefix=interval.prefix,
-                                         buffer_size=interval.buffer_size)
+            if position < 0:  # a snapshot: continue after its resource version
+                interval = self._interval_after(interval.resource_version, interval.raw_prefix,
+                                                interval.buffer_size)
                 continue
             if not self._wait_past(position, timeout):
                 return
@@ -406,6 +411,7 @@ class Interval:
         self.resource_version = rv
         self.end_index = end
         self.prefix = prefix.decode()
+        self.raw_prefix = prefix
         self.buffer_size = buffer_size
         self._prefix = prefix
         self._index = index
