@@ -87,12 +87,11 @@ class WriterLock:
                     return claimed == 2
                 continue  # void acquisition: absorbed a surplus count
             verdict = self._judge_holder(suspect)
-            if verdict is None:  # recovered, or the holder changed: wait afresh
-                suspect = None
-            elif verdict == "alive":
+            if verdict == "alive":
                 raise LockTimeout(self._describe_holder())
-            else:
-                suspect = verdict
+            # None: recovered, or the holder changed: wait afresh; a snapshot:
+            # compare it with the holder after one more whole wait
+            suspect = None if isinstance(verdict, str) else verdict
             deadline = time.monotonic() + self._timeout
 
     def release(self, notify: bool) -> None:

@@ -127,7 +127,7 @@ class Reader:
             if rc == lib.SC_NOTFOUND:
                 return None
             if rc == lib.SC_OK:
-                return Item(key, ffi.buffer(self._value_buf, out[0])[:], int(out[1]))
+                return _new_event(Item, (key, ffi.buffer(self._value_buf, out[0])[:], out[1]))
             if rc == lib.SC_NOSPACE and out[0] <= self.geometry.max_record:
                 self._value_cap = max(int(out[0]), 2 * self._value_cap)
                 self._value_buf = ffi.new("uint8_t[]", self._value_cap)
@@ -234,12 +234,12 @@ class Reader:
         rv <= max_rv, validated chunk by chunk; None if they were evicted."""
         buf = _CopyBuffer(256, self.geometry.arena_bytes)
         while index < end:
-            chunk = buf.fill(self, index, end, prefix)
-            if chunk is None:
+            filled = buf.fill(self, index, end, prefix)
+            if filled is None:
                 yield None
                 return
             index = buf.next_index
-            for t, k, v, rv in chunk:
+            for t, k, v, rv in buf.raw_events(*filled):
                 if rv > max_rv:
                     return
                 yield t, k, v, rv
@@ -321,7 +321,7 @@ class Reader:
             rc = lib.sc_futex_wait(self._p_notify, seq, wait_ns)
             if rc == errno.ETIMEDOUT:
                 self._check_alive()
-                return lib.sc_load_acquire(self._p_end) > position
+                return bool(lib.sc_load_acquire(self._p_end) > position)
 
     def _wait_change(self, seconds: float) -> None:
         seq = self._p_notify[0]
@@ -364,8 +364,9 @@ class _CopyBuffer:
         self._count = ffi.new("uint32_t *")
         self.next_index = 0
 
-    def fill(self, reader: Reader, index: int, end: int, prefix: bytes) -> list[tuple[int, bytes, bytes, int]] | None:
-        """Copy the next events at [index, end); None if the copy was
+    def fill(self, reader: Reader, index: int, end: int, prefix: bytes) -> tuple[int, bytes] | None:
+        """Copy the next events at [index, end): returns (count, payload)
+        with the metadata in ``records()``, or None if the copy was
         invalidated (startIndex passed index).  Sets next_index."""
         out, count = self._out, self._count
         while True:
@@ -385,11 +386,16 @@ class _CopyBuffer:
                 raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {out[0]}")
             break
         self.next_index = int(out[0])
-        n = count[0]
-        data = ffi.buffer(self._data, out[1])[:]
+        return count[0], ffi.buffer(self._data, out[1])[:]
+
+    def records(self, count: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(rv, type, key_len, value_len, 0) of the events of the last fill."""
+        return _META.iter_unpack(memoryview(self._meta)[: count * _META.size])
+
+    def raw_events(self, count: int, data: bytes) -> list[tuple[int, bytes, bytes, int]]:
         result = []
         pos = 0
-        for rv, t, kl, vl, _ in _META.iter_unpack(memoryview(self._meta)[: n * _META.size]):
+        for rv, t, kl, vl, _ in self.records(count):
             result.append((t, data[pos:pos + kl], data[pos + kl:pos + kl + vl], rv))
             pos += kl + vl
         return result
@@ -440,19 +446,24 @@ class Interval:
             return False
         if self._copy is None:
             self._copy = _CopyBuffer(self.buffer_size, self._reader.geometry.arena_bytes)
-        raw = self._copy.fill(self._reader, self._index, self.end_index, self._prefix)
-        if raw is None:
+        filled = self._copy.fill(self._reader, self._index, self.end_index, self._prefix)
+        if filled is None:
             self._expired()
-        assert raw is not None
+        assert filled is not None
+        count, data = filled
         self._index = self._copy.next_index
         last = self._last_rv
-        events = []
+        events: list[Event] = []
+        append = events.append
+        pos = 0
         try:
-            for t, k, v, rv in raw:
+            for rv, t, kl, vl, _ in self._copy.records(count):
                 if rv <= last:
                     raise CacheCorrupted(f"cache {self._reader.name!r}: resource versions go backwards")
                 last = rv
-                events.append(_new_event(Event, (_TYPES[t], k.decode(), v, rv)))
+                mid = pos + kl
+                pos = mid + vl
+                append(_new_event(Event, (_TYPES[t], data[mid - kl:mid].decode(), data[mid:pos], rv)))
         except UnicodeDecodeError as err:
             raise CacheCorrupted(f"cache {self._reader.name!r}: a key is not UTF-8") from err
         if events:

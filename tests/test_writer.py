@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from shmcache import (
 
 from .helpers import leftovers
 
-SMALL = dict(capacity=16, arena_bytes=4096, max_keys=8, store_bytes=4096)
+SMALL: dict[str, Any] = dict(capacity=16, arena_bytes=4096, max_keys=8, store_bytes=4096)
 
 
 def events(reader: Reader, since: int = 0) -> list[tuple[EventType, str, bytes, int]]:
@@ -63,7 +64,7 @@ def test_explicit_rvs_must_increase(name: str) -> None:
         with pytest.raises(InvalidResourceVersion):
             w.delete("a", rv=11)
         with pytest.raises(TypeError):
-            w.put("c", b"3", rv=True)  # type: ignore[arg-type]
+            w.put("c", b"3", rv=True)
         assert w.delete("a", rv=20) == 20
         assert [e.rv for e in r.interval(9)] == [10, 11, 20]
         assert r.get("c") is None

@@ -1,0 +1,1 @@
+"""Benchmarks of shmcache (figures printed, never asserted)."""
