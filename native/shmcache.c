@@ -437,6 +437,27 @@ int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uin
     return rc < 0 ? rc : new_rv;
 }
 
+/* A validated batch (put_many): event i gets first_rv + i.  Returns the last
+ * rv, or a negative SC_* code after applying the events before the failing
+ * one (which only a corrupt segment or a wrong blob can cause). */
+int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
+                    const struct sc_batch_op *ops, uint32_t count, uint64_t first_rv)
+{
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t vlen = ops[i].is_delete ? 0 : ops[i].value_len;
+        if (pos + ops[i].key_len + vlen > blob_len)
+            return -SC_CORRUPT;
+        const uint8_t *key = blob + pos, *value = key + ops[i].key_len;
+        int rc = sc_apply(L, ops[i].is_delete ? SC_DELETED : SC_ADDED, key, ops[i].key_len, value,
+                          (uint32_t)vlen, first_rv + i, SC_APPLY_RING | SC_APPLY_STORE_RV);
+        if (rc < 0)
+            return rc;
+        pos += ops[i].key_len + vlen;
+    }
+    return (int64_t)(first_rv + count - 1);
+}
+
 /* ---- the writers' lock: the token half (lock.py holds the protocol) ------- */
 
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner)

@@ -156,6 +156,15 @@ struct sc_owner {
     uint64_t boot;
 };
 
+/* one change of a batch for sc_put_many: key_len key bytes, then (unless
+ * is_delete) value_len value bytes, follow each other in the batch blob */
+struct sc_batch_op {
+    uint32_t key_len;
+    uint32_t value_len;
+    uint32_t is_delete;
+    uint32_t reserved;
+};
+
 /* what a process knows about one mapping; built and validated by layout.py */
 struct sc_layout {
     uint8_t *base;
@@ -197,6 +206,8 @@ int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
                const uint8_t *value, uint32_t value_len, uint64_t rv, uint64_t max_keys,
                uint64_t store_bytes);
 int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t rv);
+int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
+                    const struct sc_batch_op *ops, uint32_t count, uint64_t first_rv);
 /* 0: the token is taken (a void acquisition); 1: claimed, op_state was idle
  * and is now SC_OP_MUTATING; 2: claimed, op_state was not idle (repair first) */
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner);

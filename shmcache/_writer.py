@@ -8,6 +8,7 @@ store second, the ring being the store's write-ahead log for crash recovery.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import mmap
 import os
@@ -224,23 +225,32 @@ class Writer:
         current one for an empty batch)."""
         keys: list[str] = []
         batch: list[tuple[bytes, bytes | None]] = []
+        parts: list[bytes] = []
+        ops = array.array("I")
         for item in items:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise TypeError(f"put_many items are (key, value) pairs, not {item!r:.60}")
             key, value = item
             raw = encode_key(key)
             keys.append(key)
-            batch.append((raw, None if value is None else self._check_value(raw, _as_bytes(value))))
+            parts.append(raw)
+            if value is None:
+                batch.append((raw, None))
+                ops.extend((len(raw), 0, 1, 0))
+            else:
+                data = self._check_value(raw, _as_bytes(value))
+                batch.append((raw, data))
+                parts.append(data)
+                ops.extend((len(raw), len(data), 0, 0))
+        if not batch:
+            return self.resource_version
+        blob = b"".join(parts)
         with self._locked():
-            rv = self._next_rv(None) - 1
+            first = self._next_rv(None)
             self._simulate(batch, keys)
-            for raw, data in batch:
-                rv += 1
-                if data is None:
-                    self._apply(lib.SC_DELETED, raw, b"", rv)
-                else:
-                    self._apply(lib.SC_ADDED, raw, data, rv)
-            return rv
+            result = lib.sc_put_many(self._layout, blob, len(blob),
+                                     ffi.from_buffer("struct sc_batch_op[]", ops), len(batch), first)
+            return self._result(result, "", None)
 
     def replace(self, items: Iterable[tuple[str, ValueLike]], *, rv: int) -> int:
         """Make the store exactly ``items`` at resource version ``rv`` (a
@@ -439,11 +449,6 @@ class Writer:
                     f"({live_bytes - new} in use, {new} more needed)"
                 )
             sizes[raw] = new
-
-    def _apply(self, event_type: int, raw: bytes, data: bytes, rv: int) -> None:
-        flags = lib.SC_APPLY_RING | lib.SC_APPLY_STORE_RV
-        if lib.sc_apply(self._layout, event_type, raw, len(raw), data, len(data), rv, flags) < 0:
-            raise CacheCorrupted(f"cache {self.name!r}: the store rejected a validated change")
 
     def _expire_window(self, rv: int) -> None:
         end = lib.sc_load_acquire(self._map.field("end_index"))
