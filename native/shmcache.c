@@ -108,9 +108,12 @@ static inline struct sc_index_entry *active_table(struct sc_layout *L)
     return table(L, LOAD_ACQ(hdr(L)->active_index));
 }
 
-/* Copy len bytes (len <= size) starting at logical pos of a circular buffer. */
+/* Copy len bytes starting at logical pos of a circular buffer.  Callers
+ * check len <= size; the clamp is the last line of defence for memory safety. */
 static void copy_out(uint8_t *dst, const uint8_t *ring, uint64_t size, uint64_t pos, uint64_t len)
 {
+    if (len > size)
+        len = size;
     uint64_t off = pos % size, first = size - off;
     if (len <= first) {
         memcpy(dst, ring + off, len);
@@ -134,6 +137,8 @@ static void copy_in(uint8_t *ring, uint64_t size, uint64_t pos, const uint8_t *s
 /* Compare len bytes at logical pos of a circular buffer with b. */
 static int equal_at(const uint8_t *ring, uint64_t size, uint64_t pos, const uint8_t *b, uint64_t len)
 {
+    if (len > size)
+        return 0;
     uint64_t off = pos % size, first = size - off;
     if (len <= first)
         return memcmp(ring + off, b, len) == 0;
@@ -689,8 +694,8 @@ int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
                  uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv)
 {
     struct sc_header *h = hdr(L);
-    if (key_len == 0 || key_len > SC_MAX_KEY_BYTES)
-        return SC_NOTFOUND;
+    if (key_len == 0 || key_len > SC_MAX_KEY_BYTES || sc_record_size(key_len, 0) > L->max_record)
+        return SC_NOTFOUND; /* no such key fits this store */
     uint64_t hash = sc_hash(L->hash_seed, key, key_len);
     for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
         uint64_t gen = LOAD_ACQ(h->index_gen), lowest = UINT64_MAX;
