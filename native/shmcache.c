@@ -548,10 +548,10 @@ int sc_recount(struct sc_layout *L)
 int sc_replay(struct sc_layout *L)
 {
     struct sc_header *h = hdr(L);
-    uint64_t start = h->start_index, end = h->end_index, from;
+    uint64_t start = h->start_index, end = h->end_index, from, unused;
     if (end < start || end - start > L->capacity)
         return SC_CORRUPT;
-    if (sc_ring_find(L, start, end, h->store_rv, &from) != SC_OK)
+    if (sc_ring_find(L, start, end, h->store_rv, &from, &unused) != SC_OK)
         return SC_CORRUPT;
     for (uint64_t i = from; i < end; i++) {
         struct sc_slot s = *slot_at(L, i);
@@ -579,9 +579,12 @@ int sc_replay(struct sc_layout *L)
 /* ---- ring: reader side ---------------------------------------------------- */
 
 /* First index in [start, end) whose event has rv > since_rv (end if none).
- * The caller re-reads start_index afterwards to know the answer was stable. */
-int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv, uint64_t *out_index)
+ * *out_start is start_index re-read after the search: the answer is exact
+ * iff it still equals start (no slot the search read was being reused). */
+int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
+                 uint64_t *out_index, uint64_t *out_start)
 {
+    *out_start = UINT64_MAX;
     if (end < start || end - start > L->capacity)
         return SC_RETRY;
     uint64_t lo = start, hi = end;
@@ -593,6 +596,8 @@ int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t sin
             lo = mid + 1;
     }
     *out_index = lo;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    *out_start = LOAD(hdr(L)->start_index);
     return SC_OK;
 }
 
@@ -691,9 +696,12 @@ static int get_once(struct sc_layout *L, const uint8_t *key, uint32_t key_len, u
 }
 
 int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
-                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv)
+                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
+                 uint64_t *out_seen)
 {
     struct sc_header *h = hdr(L);
+    out_seen[0] = LOAD_ACQ(h->store_rv);
+    out_seen[1] = 0;
     if (key_len == 0 || key_len > SC_MAX_KEY_BYTES || sc_record_size(key_len, 0) > L->max_record)
         return SC_NOTFOUND; /* no such key fits this store */
     uint64_t hash = sc_hash(L->hash_seed, key, key_len);
@@ -705,6 +713,9 @@ int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
          * probe walked must still be the active one */
         if (LOAD(h->heap_tail) > lowest || LOAD(h->index_gen) != gen)
             continue;
+        uint64_t start = LOAD_ACQ(h->start_index), end = LOAD_ACQ(h->end_index);
+        if (end > start && end - start <= L->capacity)
+            out_seen[1] = LOAD(slot_at(L, end - 1)->rv);
         return rc;
     }
     return SC_RETRY;

@@ -218,14 +218,19 @@ int sc_replay(struct sc_layout *L);
 
 /* ---- reader side (lock-free; every value read from the segment is checked) */
 int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
-                 uint64_t *out_index);
+                 uint64_t *out_index, uint64_t *out_start);
 int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
                  const uint8_t *prefix, uint32_t prefix_len,
                  struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap,
                  uint64_t *out_next, uint32_t *out_count, uint64_t *out_data_used,
                  uint64_t *out_start);
+/* out_seen[0]: store_rv before the lookup; out_seen[1]: rv of the newest
+ * published event after it (0 if the window is empty).  When [1] > [0] the
+ * ring holds events the store may not show yet (a writer mid-change, or a
+ * writer that died before applying its last event). */
 int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
-                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv);
+                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
+                 uint64_t *out_seen);
 int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
                   const uint8_t *prefix, uint32_t prefix_len,
                   uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count);

@@ -29,6 +29,7 @@ _new_event = tuple.__new__
 LIST_ATTEMPTS = 8
 MAX_BUFFER_SIZE = 1 << 16
 WINDOW_ATTEMPTS = 1000
+MAX_RV = (1 << 63) - 1
 
 
 def _encode_prefix(prefix: object) -> bytes:
@@ -66,7 +67,7 @@ class Reader:
         self._p_rep_index = m.field("replace_index")
         self._p_rep_rv = m.field("replace_rv")
         self._p_notify: Any = ffi.addressof(self._h[0], "notify_seq")
-        self._out = ffi.new("uint64_t[4]")
+        self._out = ffi.new("uint64_t[4]")  # results of the sc_* calls
         self._out32 = ffi.new("uint32_t[1]")
         self._value_buf: Any = ffi.new("uint8_t[]", 4096)
         self._value_cap = 4096
@@ -118,16 +119,20 @@ class Reader:
 
     def get(self, key: str) -> Item | None:
         """The key's current value and resource version, or None.  O(1) and
-        lock-free."""
+        lock-free.  Never older than an event a watcher of this cache has
+        already been served (see docs/design.md, "get")."""
         raw = encode_key(key)
         self._check_alive()
         out = self._out
         for _ in range(3):
-            rc = lib.sc_store_get(self._layout, raw, len(raw), self._value_buf, self._value_cap, out, out + 1)
-            if rc == lib.SC_NOTFOUND:
-                return None
-            if rc == lib.SC_OK:
-                return _new_event(Item, (key, ffi.buffer(self._value_buf, out[0])[:], out[1]))
+            rc = lib.sc_store_get(self._layout, raw, len(raw), self._value_buf, self._value_cap,
+                                  out, out + 1, out + 2)
+            if rc == lib.SC_OK or rc == lib.SC_NOTFOUND:
+                item = (_new_event(Item, (key, ffi.buffer(self._value_buf, out[0])[:], out[1]))
+                        if rc == lib.SC_OK else None)
+                if out[3] > out[2]:  # the ring is ahead of the store
+                    return self._newer_from_ring(key, raw, int(out[2]), item)
+                return item
             if rc == lib.SC_NOSPACE and out[0] <= self.geometry.max_record:
                 self._value_cap = max(int(out[0]), 2 * self._value_cap)
                 self._value_buf = ffi.new("uint8_t[]", self._value_cap)
@@ -136,6 +141,25 @@ class Reader:
                 continue
             break
         raise CacheCorrupted(f"cache {self.name!r}: no stable copy of {key!r} (code {rc})")
+
+    def _newer_from_ring(self, key: str, raw: bytes, store_rv: int, item: Item | None) -> Item | None:
+        """The key's state after the newest of its events with rv > store_rv
+        that the store may not show yet; the store's answer if it is newer or
+        those events are gone."""
+        try:
+            index, end = self._locate(store_rv)
+        except ResourceExpired:
+            return item  # the writer is far ahead: the store has moved on too
+        newest = None
+        for event in self._copy_events(index, end, raw, MAX_RV):
+            if event is None:
+                return item
+            if event[1] == raw:
+                newest = event
+        if newest is None or (item is not None and item.rv >= newest[3]):
+            return item
+        t, _, value, rv = newest
+        return None if t == lib.SC_DELETED else _new_event(Item, (key, value, rv))
 
     def list(self, prefix: str = "") -> Snapshot:
         """The store's exact state at one resource version, sorted by key.
@@ -171,18 +195,24 @@ class Reader:
         if s0 > r1:
             return "a replace() was in progress"
         if s0 < r1:
-            start, end, oldest = self._window()
-            if not oldest or s0 < oldest - 1:
+            try:
+                index, end = self._locate(s0)
+            except ResourceExpired:
                 return f"the events after resource version {s0} were evicted during the copy"
-            index = self._find(start, end, s0)
-            for event in self._copy_events(index, end, prefix, r1):
+            replayed = s0
+            for event in self._copy_events(index, end, b"", r1):
                 if event is None:
                     return f"the events after resource version {s0} were evicted during the copy"
                 t, k, v, rv = event
+                replayed = rv
+                if not k.startswith(prefix):
+                    continue
                 if t == lib.SC_DELETED:
                     items.pop(k, None)
                 else:
                     items[k] = (v, rv)
+            if replayed != r1:
+                return f"the ring did not hold the events up to resource version {r1}"
         try:
             out = [Item(k.decode(), v, rv) for k, (v, rv) in items.items()]
         except UnicodeDecodeError as err:
@@ -223,11 +253,24 @@ class Reader:
 
     # ---- the ring ----------------------------------------------------------
 
-    def _find(self, start: int, end: int, since_rv: int) -> int:
+    def _locate(self, since_rv: int) -> tuple[int, int]:
+        """(index of the first event with rv > since_rv, end_index), found
+        by a binary search that read only stable slots; ResourceExpired if
+        the events right after since_rv are gone (Kubernetes' rule)."""
         out = self._out
-        if lib.sc_ring_find(self._layout, start, end, since_rv, out) != lib.SC_OK:
-            raise CacheCorrupted(f"cache {self.name!r}: impossible ring window")
-        return int(out[0])
+        for _ in range(WINDOW_ATTEMPTS):
+            start, end, oldest = self._window()
+            if oldest and since_rv < oldest - 1:
+                raise ResourceExpired.too_old(since_rv, oldest)
+            if lib.sc_ring_find(self._layout, start, end, since_rv, out, out + 1) != lib.SC_OK:
+                raise CacheCorrupted(f"cache {self.name!r}: impossible ring window")
+            if out[1] == start:  # no slot the search read was being reused
+                return int(out[0]), end
+        oldest = self._window()[2]
+        raise ResourceExpired(
+            f"too old resource version: {since_rv} ({oldest - 1}): the writer evicted events "
+            f"faster than {WINDOW_ATTEMPTS} searches could complete",
+            requested_rv=since_rv, oldest_rv=oldest)
 
     def _copy_events(self, index: int, end: int, prefix: bytes, max_rv: int) -> Iterator[tuple[int, bytes, bytes, int] | None]:
         """Raw (type, key, value, rv) of the events at [index, end) with
@@ -269,13 +312,7 @@ class Reader:
     def _interval_after(self, since_rv: int, prefix: bytes, buffer_size: int) -> Interval:
         """The events with rv > since_rv (since_rv may be 0 here: after an
         empty snapshot, "everything")."""
-        start, end, oldest = self._window()
-        if oldest and since_rv < oldest - 1:
-            raise ResourceExpired.too_old(since_rv, oldest)
-        index = self._find(start, end, since_rv)
-        if lib.sc_load_acquire(self._p_start) > index:
-            oldest = self._window()[2]
-            raise ResourceExpired.too_old(since_rv, oldest)
+        index, end = self._locate(since_rv)
         return Interval(self, since_rv, index, end, prefix, buffer_size, None)
 
     def watch(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
