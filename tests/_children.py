@@ -1,0 +1,613 @@
+"""Child-process side of tests/test_crossprocess.py, and the deterministic
+workloads that both the children and the tests recompute.
+
+A child runs ``python -c "...main(sys.argv[1:])" FUNCTION JSON_KWARGS``
+(see ``test_crossprocess.spawn``).  Children report on stdout, one line per
+fact; a child that finds the cache wrong raises, so it exits non-zero with
+the traceback on stderr, which the test shows.
+
+Values are ``KEY|SEQ|PAD|CRC32`` (``check_value`` verifies one), so every
+event and item can be checked on its own, whatever the resource version the
+writer gave it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shmcache import (
+    CacheClosed,
+    Event,
+    EventType,
+    Item,
+    Reader,
+    ResourceExpired,
+    Writer,
+)
+from shmcache._native import ffi, lib
+
+Batch = list[tuple[str, bytes | None]]
+State = dict[str, tuple[bytes, int]]  # key -> (value, rv of its last change)
+
+
+# ---- values ------------------------------------------------------------------
+
+
+def make_value(key: str, seq: int, pad: str = "") -> bytes:
+    body = f"{key}|{seq}|{pad}"
+    return f"{body}|{zlib.crc32(body.encode()):08x}".encode()
+
+
+def check_value(key: str, value: bytes) -> int:
+    """The sequence number in an intact value of ``key``; AssertionError if
+    the value is torn, foreign or not ours."""
+    try:
+        text = value.decode()
+        body, crc = text.rsplit("|", 1)
+        vkey, seq, _pad = body.split("|")
+        ok = vkey == key and int(crc, 16) == zlib.crc32(body.encode())
+    except (UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise AssertionError(f"value of {key!r} is not intact: {value[:120]!r}")
+    return int(seq)
+
+
+# ---- deterministic workload and its model ------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A seeded sequence of writer calls.  Batch 0 is one put of the seed key,
+    written by the test (rv 1); a single writer with automatic resource
+    versions then applies the rest, so event i (1-based) has rv i.
+
+    Value sizes alternate in phases of ``phase`` events between small (the
+    ring's slots run out first) and big (its arena runs out first)."""
+
+    seed: int
+    events: int
+    keys: int = 64
+    prefixes: tuple[str, ...] = ("a/", "b/", "c/")
+    small_pad: int = 8
+    big_pad: int = 300
+    phase: int = 400
+    deletes: bool = True
+
+    def batches(self) -> list[Batch]:
+        rng = random.Random(self.seed)
+        live: set[str] = {"seed/0"}
+        out: list[Batch] = [[("seed/0", make_value("seed/0", 1, "s"))]]
+        seq = 1
+        while seq < self.events:
+            n = 1 if rng.random() < 0.75 else rng.randint(2, 5)
+            batch: Batch = []
+            for _ in range(min(n, self.events - seq)):
+                seq += 1
+                key = f"{rng.choice(self.prefixes)}{rng.randrange(self.keys)}"
+                if self.deletes and key in live and rng.random() < 0.25:
+                    batch.append((key, None))
+                    live.discard(key)
+                else:
+                    big = (seq // self.phase) % 2 == 1
+                    pad = "x" * rng.randint(0, self.big_pad if big else self.small_pad)
+                    batch.append((key, make_value(key, seq, pad)))
+                    live.add(key)
+            out.append(batch)
+        return out
+
+
+class Model:
+    """Every event of a workload, by rv, and the state at any rv."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.events: list[Event] = []
+        self.key_rvs: dict[str, list[int]] = {}
+        self._prefix_rvs: dict[str, list[int]] = {}
+        state: dict[str, bytes] = {}
+        for batch in batches:
+            for key, value in batch:
+                rv = len(self.events) + 1
+                if value is None:
+                    self.events.append(Event(EventType.DELETED, key, state.pop(key), rv))
+                else:
+                    kind = EventType.MODIFIED if key in state else EventType.ADDED
+                    state[key] = value
+                    self.events.append(Event(kind, key, value, rv))
+                self.key_rvs.setdefault(key, []).append(rv)
+
+    @property
+    def last_rv(self) -> int:
+        return len(self.events)
+
+    def event(self, rv: int) -> Event:
+        return self.events[rv - 1]
+
+    def prefix_rvs(self, prefix: str) -> list[int]:
+        rvs = self._prefix_rvs.get(prefix)
+        if rvs is None:
+            rvs = self._prefix_rvs[prefix] = [e.rv for e in self.events if e.key.startswith(prefix)]
+        return rvs
+
+    def next_rv(self, prefix: str, after: int) -> int | None:
+        """The rv of the first event of ``prefix`` after ``after``, or None."""
+        rvs = self.prefix_rvs(prefix)
+        i = bisect_right(rvs, after)
+        return rvs[i] if i < len(rvs) else None
+
+    def key_event_at(self, key: str, rv: int) -> Event | None:
+        """The key's last event with an rv <= ``rv``."""
+        rvs = self.key_rvs.get(key, [])
+        i = bisect_right(rvs, rv)
+        return self.event(rvs[i - 1]) if i else None
+
+
+class Cursor:
+    """The model's state at an rv, advanced incrementally (cheap when the
+    rvs asked for never go backwards, as a reader's snapshots do)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.rv = 0
+        self.state: State = {}
+
+    def at(self, rv: int) -> State:
+        assert 0 <= rv <= self.model.last_rv, f"rv {rv} is beyond the workload's {self.model.last_rv}"
+        if rv < self.rv:
+            self.rv, self.state = 0, {}
+        while self.rv < rv:
+            self.rv += 1
+            e = self.model.event(self.rv)
+            if e.type is EventType.DELETED:
+                del self.state[e.key]
+            else:
+                self.state[e.key] = (e.value, e.rv)
+        return self.state
+
+    def items(self, rv: int, prefix: str = "") -> list[Item]:
+        return sorted(Item(k, v, r) for k, (v, r) in self.at(rv).items() if k.startswith(prefix))
+
+
+def replay(events: Sequence[Event], state: State | None = None) -> State:
+    """Apply events in order, checking each one's type against the state:
+    ADDED only for an absent key, MODIFIED for a present one, DELETED for a
+    present one and carrying its last value."""
+    state = {} if state is None else dict(state)
+    for e in events:
+        old = state.get(e.key)
+        if e.type is EventType.DELETED:
+            assert old is not None, f"{e} deletes an absent key"
+            assert e.value == old[0], f"{e} does not carry the last value {old[0]!r}"
+            del state[e.key]
+        else:
+            want = EventType.MODIFIED if old is not None else EventType.ADDED
+            assert e.type is want, f"{e} should be {want.name}"
+            state[e.key] = (e.value, e.rv)
+    return state
+
+
+def ring_events(reader: Reader, since_rv: int) -> list[Event]:
+    """Every event after ``since_rv`` (>= 1) now in the ring, in order."""
+    assert since_rv >= 1, "interval(0) is a snapshot, not events"
+    return list(reader.interval(since_rv, buffer_size=997))
+
+
+def emit(*parts: object) -> None:
+    """One line on stdout, written with a single write(2)."""
+    os.write(1, (" ".join(str(p) for p in parts) + "\n").encode())
+
+
+# ---- test 1: drain while the writer wraps the ring ---------------------------
+
+
+def write_workload(name: str, workload: dict[str, Any], pace_seed: int, burst: int,
+                   max_sleep: float) -> None:
+    """Apply batches 1.. of the workload as its only writer, checking each
+    returned rv; now and then pause so readers can catch up.  Reports how
+    often the window was bounded by the slots and by the arena."""
+    wl = Workload(**workload)
+    batches = wl.batches()
+    pace = random.Random(pace_seed)
+    w = Writer(name, create=False)
+    h: Any = w._map.header
+    cap = w.geometry.capacity
+    assert w.resource_version == 1, "the test writes the seed event, and nothing else, first"
+    rv = 1
+    slot_bound = arena_bound = 0
+    emit("ready")
+    for batch in batches[1:]:
+        if len(batch) == 1:
+            key, value = batch[0]
+            got = w.delete(key) if value is None else w.put(key, value)
+        else:
+            got = w.put_many(batch)
+        rv += len(batch)
+        assert got == rv, f"writer got rv {got}, expected {rv}"
+        held = int(h.end_index) - int(h.start_index)
+        if held == cap:
+            slot_bound += 1
+        elif int(h.start_index) > 0:
+            arena_bound += 1
+        if pace.random() < 1 / burst:
+            time.sleep(pace.uniform(0, max_sleep))
+    assert w.resource_version == wl.events
+    emit(json.dumps({"rv": rv, "slot_bound": slot_bound, "arena_bound": arena_bound,
+                     "evicted": int(h.events_evicted)}))
+    w.close()
+
+
+class _Drain:
+    def __init__(self, reader: Reader, model: Model, prefix: str, buffer_size: int) -> None:
+        self.r = reader
+        self.model = model
+        self.cursor = Cursor(model)
+        self.prefix = prefix
+        self.buffer_size = buffer_size
+        self.pos = 1  # the seed event's rv: readers start after it
+        self.stats = {"events": 0, "expired": 0, "relists": 0, "list_expired": 0,
+                      "snapshot_items": 0}
+
+    @property
+    def done(self) -> bool:
+        return self.model.next_rv(self.prefix, self.pos) is None
+
+    def check(self, ev: Event) -> None:
+        assert ev.key.startswith(self.prefix), f"{ev} passed the filter {self.prefix!r}"
+        want = self.model.next_rv(self.prefix, self.pos)
+        assert ev.rv == want, (
+            f"after rv {self.pos} (prefix {self.prefix!r}) got {ev}, expected rv {want}"
+            + (" (silent gap)" if want is not None and ev.rv > want else "")
+        )
+        assert ev == self.model.event(ev.rv), f"got {ev}, written {self.model.event(ev.rv)}"
+        check_value(ev.key, ev.value)
+        self.pos = ev.rv
+        self.stats["events"] += 1
+
+    def expired(self, exc: ResourceExpired) -> None:
+        assert exc.requested_rv == self.pos, (exc.requested_rv, self.pos)
+        assert exc.oldest_rv > self.pos + 1, f"spurious ResourceExpired: {exc} at {self.pos}"
+        self.stats["expired"] += 1
+        self.relist()
+
+    def relist(self) -> None:
+        """Start over from a snapshot, checked against the model."""
+        while True:
+            try:
+                if self.stats["relists"] % 2:
+                    snap = self.r.list(self.prefix)
+                    rv, items = snap.rv, snap.items
+                    want = self.cursor.items(rv, self.prefix)
+                else:
+                    iv = self.r.interval(0, prefix=self.prefix, buffer_size=self.buffer_size)
+                    got = list(iv)
+                    rv = iv.resource_version
+                    assert all(e.type is EventType.ADDED and e.rv == rv for e in got), got[:3]
+                    items = [Item(e.key, e.value, 0) for e in got]
+                    want = [i._replace(rv=0) for i in self.cursor.items(rv, self.prefix)]
+                break
+            except ResourceExpired:
+                self.stats["list_expired"] += 1
+        assert rv >= self.pos, f"snapshot at rv {rv} is older than rv {self.pos} already seen"
+        assert items == want, f"snapshot at rv {rv} differs from the model"
+        for item in items:
+            check_value(item.key, item.value)
+        self.stats["relists"] += 1
+        self.stats["snapshot_items"] += len(items)
+        self.pos = rv
+
+
+def drain(name: str, workload: dict[str, Any], mode: str, prefix: str, buffer_size: int) -> None:
+    """Follow every event (of ``prefix``) to the workload's end with
+    interval() refills (``mode="interval"``) or watch() (``"watch"``),
+    relisting after each ResourceExpired."""
+    model = Model(Workload(**workload).batches())
+    r = Reader(name)
+    assert r.resource_version >= 1
+    d = _Drain(r, model, prefix, buffer_size)
+    emit("ready")
+    idle = 0
+    while not d.done:
+        try:
+            if mode == "watch":
+                for ev in r.watch(d.pos, prefix=prefix, timeout=0.5, buffer_size=buffer_size):
+                    d.check(ev)
+                    if d.done:
+                        break
+            else:
+                iv = r.interval(d.pos, prefix=prefix, buffer_size=buffer_size)
+                before = d.pos
+                while (nxt := iv.next()) is not None:
+                    d.check(nxt)
+                if d.pos == before:
+                    idle += 1
+                    time.sleep(0.0002)
+        except ResourceExpired as exc:
+            d.expired(exc)
+    emit(json.dumps({**d.stats, "idle": idle, "pos": d.pos}))
+    r.close()
+
+
+# ---- test 2: list() while the writer runs ------------------------------------
+
+
+def lister(name: str, workload: dict[str, Any]) -> None:
+    """list(), list(prefix), interval(0) and get() while the writer runs,
+    each answer checked against the model at its rv."""
+    wl = Workload(**workload)
+    model = Model(wl.batches())
+    cursor = Cursor(model)
+    r = Reader(name)
+    rng = random.Random(wl.seed + 1)
+    stats = {"lists_ok": 0, "lists_expired": 0, "interval0_ok": 0, "gets": 0, "while_writing": 0}
+    emit("ready")
+    last_rv = 0
+    final = False
+    i = 0
+    while True:
+        writing = r.resource_version < model.last_rv
+        final = final or not writing
+        i += 1
+        prefix = "" if i % 3 == 0 else rng.choice(wl.prefixes)
+        try:
+            if i % 4 == 3:
+                iv = r.interval(0, prefix=prefix, buffer_size=64)
+                got = list(iv)
+                rv = iv.resource_version
+                assert all(e.type is EventType.ADDED and e.rv == rv for e in got)
+                assert [(e.key, e.value) for e in got] == \
+                    [(it.key, it.value) for it in cursor.items(rv, prefix)], f"interval(0) at rv {rv}"
+                stats["interval0_ok"] += 1
+            else:
+                snap = r.list(prefix)
+                rv = snap.rv
+                assert snap.items == cursor.items(rv, prefix), f"list({prefix!r}) at rv {rv}"
+                stats["lists_ok"] += 1
+            assert rv >= last_rv, f"snapshot rv went back from {last_rv} to {rv}"
+            last_rv = rv
+            stats["while_writing"] += writing
+        except ResourceExpired:
+            stats["lists_expired"] += 1
+        for _ in range(3):
+            check_get(r, model, f"{rng.choice(wl.prefixes)}{rng.randrange(wl.keys)}")
+            stats["gets"] += 1
+        if final:
+            break
+    assert last_rv == model.last_rv
+    emit(json.dumps(stats))
+    r.close()
+
+
+def check_get(r: Reader, model: Model, key: str) -> None:
+    """get() returns the key's state at some rv between just before the call
+    (the store lags the ring by at most the event being applied) and just
+    after it."""
+    before = r.resource_version
+    item = r.get(key)
+    after = r.resource_version
+    floor = model.key_event_at(key, max(before - 1, 0))
+    if item is not None:
+        check_value(key, item.value)
+        assert item.rv <= after, f"get({key!r}) returned rv {item.rv} > current {after}"
+        e = model.event(item.rv)
+        assert e.key == key and e.type is not EventType.DELETED and e.value == item.value, \
+            f"get({key!r}) = {item}, but the event at its rv is {e}"
+        assert floor is None or floor.rv <= item.rv, f"get({key!r}) = {item} is older than {floor}"
+    else:
+        rvs = model.key_rvs.get(key, [])
+        lo, hi = bisect_right(rvs, max(before - 1, 0)), bisect_right(rvs, after)
+        moments = [floor] + [model.event(rv) for rv in rvs[lo:hi]]
+        assert any(m is None or m.type is EventType.DELETED for m in moments), \
+            f"get({key!r}) = None, but the key exists at every rv in [{before - 1}, {after}]"
+
+
+# ---- test 4: writers SIGKILLed in a loop of puts -----------------------------
+
+
+def put_loop(name: str, round_no: int, seed: int, keys: int) -> None:
+    """put / put_many forever, acknowledging ``RV KEY VALUE`` on stdout after
+    each call returns (one write(2) per call)."""
+    w = Writer(name, create=False, lock_timeout=0.5)
+    rng = random.Random(seed)
+    seq = round_no * 10_000_000
+    emit("ready")
+    while True:
+        n = 1 if rng.random() < 0.6 else rng.randint(2, 4)
+        batch: list[tuple[str, bytes]] = []
+        for _ in range(n):
+            seq += 1
+            key = f"k{rng.randrange(keys)}"
+            batch.append((key, make_value(key, seq, "p" * rng.randint(0, 40))))
+        if n == 1:
+            rvs = [w.put(*batch[0])]
+        else:
+            last = w.put_many(batch)
+            rvs = list(range(last - n + 1, last + 1))
+        os.write(1, b"".join(b"%d %s %s\n" % (rv, k.encode(), v) for rv, (k, v) in zip(rvs, batch)))
+
+
+# ---- test 5: a lock holder that stops or dies ---------------------------------
+
+
+def hold_lock(name: str, then: str) -> None:
+    """Take the writers' lock as a put would, maybe leave a change half done
+    (``ring_*``: the event at rv 3 is published in the ring but the store
+    does not have it; ``store_behind``: the store has it too but store_rv
+    was not advanced), then stop (and release after SIGCONT), sleep, or exit
+    holding the lock."""
+    w = Writer(name, create=False)
+    with Reader(name) as r:
+        old = {i.key: i for i in r.list().items}
+    w._thread_lock.acquire()
+    w._begin()
+    rv = int(w._map.header.rv) + 1
+    lay = w._layout
+
+    def apply(kind: int, key: str, value: bytes, at_rv: int, flags: int) -> None:
+        raw = key.encode()
+        assert lib.sc_apply(lay, kind, raw, len(raw), value, len(value), at_rv, flags) > 0
+
+    if then == "ring_put":
+        apply(lib.SC_ADDED, "half", make_value("half", rv), rv, lib.SC_APPLY_RING)
+        apply(lib.SC_DELETED, "half", b"", rv, 0)  # undo the store half
+    elif then == "ring_modify":
+        apply(lib.SC_ADDED, "k", make_value("k", rv), rv, lib.SC_APPLY_RING)
+        apply(lib.SC_ADDED, "k", old["k"].value, old["k"].rv, 0)
+    elif then == "ring_delete":
+        apply(lib.SC_DELETED, "victim", b"", rv, lib.SC_APPLY_RING)
+        apply(lib.SC_ADDED, "victim", old["victim"].value, old["victim"].rv, 0)
+    elif then == "store_behind":
+        apply(lib.SC_ADDED, "half", make_value("half", rv), rv, lib.SC_APPLY_RING)
+    emit("held", rv)
+    if then == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        w._end(published=False)
+        w._thread_lock.release()
+        w.close()
+        emit("released")
+    elif then == "sleep":
+        time.sleep(3600)
+    else:
+        os._exit(3)
+
+
+# ---- tests 6 and 8: watchers --------------------------------------------------
+
+
+def watcher(name: str, prefix: str, since_rv: int = -1) -> None:
+    """Print every event of ``prefix`` from ``since_rv`` (default: now) until
+    the cache is closed; the wait is unbounded, so only a futex wake-up
+    delivers anything."""
+    r = Reader(name)
+    rv = r.resource_version if since_rv < 0 else since_rv
+    emit("ready", rv)
+    try:
+        for ev in r.watch(rv, prefix=prefix, timeout=None):
+            emit(ev.type.name, ev.key, ev.value.decode(), ev.rv)
+    except CacheClosed as exc:
+        emit(type(exc).__name__)
+        r.close()
+        return
+    emit("watch ended")
+
+
+def creator(name: str) -> None:
+    """Create the cache, put one key, and keep it until killed."""
+    w = Writer(name, capacity=16, arena_bytes=4096, max_keys=64, store_bytes=1 << 16)
+    w.put("x", make_value("x", 1))
+    emit("ready", w._map.header.epoch)
+    sys.stdin.read()
+    w.close()
+
+
+# ---- test 7: several writers at once -----------------------------------------
+
+
+def mixed_writer(name: str, wid: int, ops: int, keys: int) -> None:
+    """``ops`` put / delete / put_many calls on shared keys once told to go;
+    prints the acknowledged changes as one JSON line: [rv, key, value|None]."""
+    w = Writer(name, create=False, lock_timeout=30)
+    rng = random.Random(wid)
+    seq = wid * 1_000_000
+    acks: list[tuple[int, str, str | None]] = []
+    misses = 0
+    emit("ready")
+    assert sys.stdin.readline().strip() == "go"
+    for _ in range(ops):
+        x = rng.random()
+        n = 1 if x < 0.65 else rng.randint(2, 4)
+        batch: Batch = []
+        for _ in range(n):
+            seq += 1
+            key = f"k{rng.randrange(keys)}"
+            delete = rng.random() < (0.25 if n == 1 else 0.2)
+            batch.append((key, None if delete else make_value(key, seq, "w" * rng.randint(0, 16))))
+        try:
+            if n == 1:
+                key, value = batch[0]
+                rvs = [w.delete(key) if value is None else w.put(key, value)]
+            else:
+                last = w.put_many(batch)
+                rvs = list(range(last - n + 1, last + 1))
+        except KeyError:
+            misses += 1  # a delete of a key another writer removed: nothing changed
+            continue
+        for rv, (k, v) in zip(rvs, batch):
+            acks.append((rv, k, None if v is None else v.decode()))
+    emit(json.dumps({"acks": acks, "misses": misses}))
+    w.close()
+
+
+# ---- test 3: readers cannot write --------------------------------------------
+
+
+def poke(name: str, how: str) -> None:
+    """Read normally, then try to write through the reader's mapping."""
+    r = Reader(name)
+    snap = r.list()
+    assert snap.items, "the test put items first"
+    for item in snap.items:
+        check_value(item.key, item.value)
+    for attempt in (lambda: r._map._mm.__setitem__(0, 1), lambda: r._map._mm.write(b"x")):
+        try:
+            attempt()
+        except TypeError:
+            emit("TypeError")
+        else:
+            emit("wrote through the mmap object")
+    addr = int(ffi.cast("uintptr_t", r._map._buf))
+    pokes: dict[str, Callable[[], object]] = {
+        "ctypes": lambda: ctypes.memset(addr + 4096, 0xFF, 32),  # the first ring slot
+        "from_address": lambda: setattr(ctypes.c_uint64.from_address(addr + 8), "value", 0),
+        "native_store": lambda: lib.sc_store_release(r._map.field("rv"), 1 << 40),
+        "native_notify": lambda: lib.sc_notify(r._layout),
+    }
+    emit("poking")
+    pokes[how]()
+    emit("survived the write")
+
+
+def read_everything(name: str) -> None:
+    """Every read operation once, for the test to check nothing changed."""
+    r = Reader(name)
+    rv = r.resource_version
+    assert r.oldest_resource_version >= 1
+    items = r.list().items
+    assert items and r.list("k1").items is not None
+    for item in items:
+        assert r.get(item.key) == item
+    assert r.get("absent") is None
+    events = list(r.interval(max(r.oldest_resource_version - 1, 1), buffer_size=3))
+    assert events and events[-1].rv == rv
+    assert list(r.interval(0)) != []
+    assert list(r.watch(rv - 1, timeout=0.05)) == events[-1:]
+    emit("read", len(items), len(events))
+    r.close()
+
+
+# ---- entry point -------------------------------------------------------------
+
+CHILDREN: dict[str, Callable[..., None]] = {
+    f.__name__: f
+    for f in (write_workload, drain, lister, put_loop, hold_lock, watcher, creator,
+              mixed_writer, poke, read_everything)
+}
+
+
+def main(argv: list[str]) -> None:
+    func, kwargs = argv
+    CHILDREN[func](**json.loads(kwargs))
+
+
+__all__ = ["CHILDREN", "Cursor", "Model", "Workload", "check_value", "make_value", "main",
+           "replay", "ring_events"]
