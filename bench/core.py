@@ -16,8 +16,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from shmcache import Reader, Writer
 from shmcache._native import ffi
+
+from shmcache import Reader, Writer
 
 
 def _median_rate(runs: int, n: int, body: Callable[[], object]) -> float:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         since = r.oldest_resource_version - 1
         held = r.resource_version - since
         for buffer_size in (100, 1000):
-            rate = _median_rate(runs, held, lambda: sum(1 for _ in r.interval(since, buffer_size=buffer_size)))
+            rate = _median_rate(runs, held, lambda b=buffer_size: sum(1 for _ in r.interval(since, buffer_size=b)))
             print(f"drain into Events (buf {buffer_size:>4}) {rate:>10,.0f} events/s   ({held:,} events)")
         payload = held * (len(keys[0]) + len(value))
         src, dst = ffi.new("char[]", payload), ffi.new("char[]", payload)

@@ -17,8 +17,14 @@ from typing import Any
 from ._events import Event, EventType, Item, Snapshot
 from ._layout import MAX_KEY_BYTES, check_name, open_segment
 from ._native import ffi, lib
-from .exceptions import CacheClosed, CacheCorrupted, InvalidKey, InvalidSize, ResourceExpired
 from ._writer import encode_key
+from .exceptions import (
+    CacheClosed,
+    CacheCorrupted,
+    InvalidKey,
+    InvalidSize,
+    ResourceExpired,
+)
 
 __all__ = ["Interval", "Reader"]
 
@@ -30,6 +36,7 @@ LIST_ATTEMPTS = 8
 MAX_BUFFER_SIZE = 1 << 16
 WINDOW_ATTEMPTS = 1000
 MAX_RV = (1 << 63) - 1
+U64_MAX = (1 << 64) - 1
 
 
 def _encode_prefix(prefix: object) -> bytes:
@@ -262,7 +269,8 @@ class Reader:
             start, end, oldest = self._window()
             if oldest and since_rv < oldest - 1:
                 raise ResourceExpired.too_old(since_rv, oldest)
-            if lib.sc_ring_find(self._layout, start, end, since_rv, out, out + 1) != lib.SC_OK:
+            # an RV beyond 64 bits is newer than any event: search for the largest
+            if lib.sc_ring_find(self._layout, start, end, min(since_rv, U64_MAX), out, out + 1) != lib.SC_OK:
                 raise CacheCorrupted(f"cache {self.name!r}: impossible ring window")
             if out[1] == start:  # no slot the search read was being reused
                 return int(out[0]), end

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shmcache._native import ffi, lib
+
 from shmcache import (
     CacheClosed,
     Event,
@@ -35,7 +37,6 @@ from shmcache import (
     ResourceExpired,
     Writer,
 )
-from shmcache._native import ffi, lib
 
 Batch = list[tuple[str, bytes | None]]
 State = dict[str, tuple[bytes, int]]  # key -> (value, rv of its last change)
@@ -609,5 +610,14 @@ def main(argv: list[str]) -> None:
     CHILDREN[func](**json.loads(kwargs))
 
 
-__all__ = ["CHILDREN", "Cursor", "Model", "Workload", "check_value", "make_value", "main",
-           "replay", "ring_events"]
+__all__ = [
+    "CHILDREN",
+    "Cursor",
+    "Model",
+    "Workload",
+    "check_value",
+    "main",
+    "make_value",
+    "replay",
+    "ring_events",
+]

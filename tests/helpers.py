@@ -13,6 +13,18 @@ from pathlib import Path
 import posix_ipc
 
 _counter = itertools.count()
+
+#: The size knob of the stress-like tests: ``ci`` (default: the whole suite
+#: within minutes on 2 cores) or ``soak`` (the full figures).
+STRESS = os.environ.get("SHMCACHE_STRESS", "ci")
+if STRESS not in ("ci", "soak"):
+    raise ValueError(f"SHMCACHE_STRESS={STRESS!r}: use 'ci' or 'soak'")
+SOAK = STRESS == "soak"
+
+
+def scaled(ci: int, soak: int) -> int:
+    """The figure for the current SHMCACHE_STRESS level."""
+    return soak if SOAK else ci
 REPO = Path(__file__).resolve().parent.parent
 
 

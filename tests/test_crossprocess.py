@@ -37,16 +37,17 @@ from shmcache import (
 )
 
 from . import helpers
-from ._children import Cursor, Model, Workload, check_value, make_value, replay, ring_events
+from ._children import (
+    Cursor,
+    Model,
+    Workload,
+    check_value,
+    make_value,
+    replay,
+    ring_events,
+)
 
-STRESS = os.environ.get("SHMCACHE_STRESS", "ci")
-if STRESS not in ("ci", "soak"):
-    raise ValueError(f"SHMCACHE_STRESS={STRESS!r}: use 'ci' or 'soak'")
-
-
-def scaled(ci: int, soak: int) -> int:
-    return soak if STRESS == "soak" else ci
-
+STRESS, scaled = helpers.STRESS, helpers.scaled
 
 CHILD_CODE = "import sys; from tests._children import main; main(sys.argv[1:])"
 LINE_TIMEOUT = 60.0  # the longest any expected line may take: a hang, not a slow machine
