@@ -10,6 +10,7 @@ is shared and noisy, so compare figures from the same run only.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -64,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         # the ring is full now: drain all of it, as a reader catching up would
         since = r.oldest_resource_version - 1
         held = r.resource_version - since
+        def drain(buffer_size: int) -> int:
+            return sum(1 for _ in r.interval(since, buffer_size=buffer_size))
+
         for buffer_size in (100, 1000):
-            rate = _median_rate(runs, held, lambda b=buffer_size: sum(1 for _ in r.interval(since, buffer_size=b)))
+            rate = _median_rate(runs, held, functools.partial(drain, buffer_size))
             print(f"drain into Events (buf {buffer_size:>4}) {rate:>10,.0f} events/s   ({held:,} events)")
         payload = held * (len(keys[0]) + len(value))
         src, dst = ffi.new("char[]", payload), ffi.new("char[]", payload)
