@@ -75,6 +75,8 @@ class Reader:
         self._p_rep_rv = m.field("replace_rv")
         self._p_notify: Any = ffi.addressof(self._h[0], "notify_seq")
         self._out = ffi.new("uint64_t[4]")  # results of the sc_* calls
+        self._out_rv = self._out + 1
+        self._out_seen = self._out + 2
         self._out32 = ffi.new("uint32_t[1]")
         self._value_buf: Any = ffi.new("uint8_t[]", 4096)
         self._value_cap = 4096
@@ -82,7 +84,7 @@ class Reader:
     # ---- state -----------------------------------------------------------
 
     def _check_alive(self) -> None:
-        if self._map.closed:
+        if self._h is None:
             raise CacheClosed(f"reader of {self.name!r} is closed")
         if self._h.closed:
             raise CacheClosed(f"cache {self.name!r} was closed by its owner; reopen it")
@@ -129,11 +131,13 @@ class Reader:
         lock-free.  Never older than an event a watcher of this cache has
         already been served (see docs/design.md, "get")."""
         raw = encode_key(key)
-        self._check_alive()
+        h = self._h
+        if h is None or h.closed:
+            self._check_alive()
         out = self._out
         for _ in range(3):
             rc = lib.sc_store_get(self._layout, raw, len(raw), self._value_buf, self._value_cap,
-                                  out, out + 1, out + 2)
+                                  out, self._out_rv, self._out_seen)
             if rc == lib.SC_OK or rc == lib.SC_NOTFOUND:
                 item = (_new_event(Item, (key, ffi.buffer(self._value_buf, out[0])[:], out[1]))
                         if rc == lib.SC_OK else None)
@@ -378,6 +382,7 @@ class Reader:
         """Unmap the segment.  Never unlinks anything: readers do not own it."""
         if not self._map.closed:
             self._slots = None
+            self._h = None
             self._map.close()
 
     @property
