@@ -468,14 +468,17 @@ int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner)
 {
     struct sc_header *h = hdr(L);
-    if (!sc_cas(&h->lock_token, 0, token))
+    if (!sc_cas(&h->lock_token, 0, token | SC_UNRECORDED))
         return 0;
     __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
     h->owner_pid = owner->pid;
     h->owner_start_ms = owner->start_ms;
     h->owner_pidns = owner->pidns;
     h->owner_boot = owner->boot;
-    STORE_REL(h->owner_info_gen, token);
+    /* publishes the record; fails only if a recoverer judged the lock
+     * abandoned (we were suspended for a whole lock_timeout) and took it */
+    if (!sc_cas(&h->lock_token, token | SC_UNRECORDED, token))
+        return 0;
     if (h->op_state != SC_OP_IDLE)
         return 2;
     h->op_state = SC_OP_MUTATING;

@@ -94,9 +94,9 @@ struct sc_header {
     uint64_t tombstones;        /* in the active table */
 
     /* writers' lock (see lock.py) */
-    uint64_t lock_token;        /* 0 free, else (generation << 32) | pid of the holder */
+    uint64_t lock_token;        /* 0 free, else (generation << 32) | [SC_UNRECORDED] | pid */
     uint64_t lock_seq;          /* incremented at each acquisition and release */
-    uint64_t owner_info_gen;    /* generation whose owner fields below are complete */
+    uint64_t reserved2;
     uint64_t owner_pid;
     uint64_t owner_start_ms;
     uint64_t owner_pidns;
@@ -208,8 +208,14 @@ int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
 int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t rv);
 int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
                     const struct sc_batch_op *ops, uint32_t count, uint64_t first_rv);
-/* 0: the token is taken (a void acquisition); 1: claimed, op_state was idle
- * and is now SC_OP_MUTATING; 2: claimed, op_state was not idle (repair first) */
+/* lock_token bit: the holder has not finished recording its identity */
+#define SC_UNRECORDED 0x80000000
+
+/* Claim the token: CAS 0 -> token|SC_UNRECORDED, record the owner, CAS
+ * token|SC_UNRECORDED -> token.  0: the token is taken, or was taken back by
+ * a recoverer before the record completed (a void acquisition); 1: claimed,
+ * op_state was idle and is now SC_OP_MUTATING; 2: claimed, op_state was not
+ * idle (repair first) */
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner);
 void sc_lock_release(struct sc_layout *L, int notify);
 int sc_store_clear(struct sc_layout *L);

@@ -5,19 +5,22 @@ compare-and-swap from 0) is the truth about who holds the lock.  docs/design.md
 ("The writers' lock") gives the full argument; in short:
 
 * acquire: ``sem_wait``, then CAS the token from 0 to ``(generation << 32) |
-  pid``, then record the owner's identity and mark it complete by writing the
-  token into ``owner_info_gen``.  A CAS that fails means the semaphore had a
-  surplus count (left by a recovery) while somebody holds the token: the
-  acquisition is void, absorbs that count, and waits again.
+  UNRECORDED | pid``, record the owner's identity, then CAS the UNRECORDED
+  bit away.  A first CAS that fails means the semaphore had a surplus count
+  (left by a recovery) while somebody holds the token: the acquisition is
+  void, absorbs that count, and waits again.  A second CAS that fails means a
+  recoverer took the token back (we were suspended for a whole timeout before
+  recording): void too.
 * release: bump ``lock_seq``, clear the token, ``sem_post``.
 * a waiter that times out judges the holder.  Recorded and alive (or in
   another PID namespace, where a pid means nothing here) → LockTimeout.
   Recorded and dead → exactly one waiter wins the CAS of the token back to 0
-  and posts the semaphore on the dead holder's behalf.  Not recorded (the
-  holder sits between ``sem_wait`` and its record, or between clearing the
-  token and ``sem_post``) → if nothing changes for another whole
-  ``lock_timeout``, the lock is abandoned: one waiter wins a CAS on
-  ``lock_seq`` and posts.  Whoever then acquires finds ``op_state`` not idle
+  and posts the semaphore on the dead holder's behalf.  Not recorded (no
+  token, or the UNRECORDED bit: the holder sits between ``sem_wait`` and its
+  record, or between clearing the token and ``sem_post``) → if nothing
+  changes for another whole ``lock_timeout``, the lock is abandoned: one
+  waiter wins a CAS (of the unrecorded token to 0, or of ``lock_seq``) and
+  posts.  Whoever then acquires finds ``op_state`` not idle
   and repairs the segment before doing anything else.
 """
 
@@ -48,6 +51,8 @@ def _refresh_pid() -> None:
 
 os.register_at_fork(after_in_child=_refresh_pid)
 
+PID_MASK = 0x7FFFFFFF  # pids are < 2**22 on Linux; bit 31 is SC_UNRECORDED
+
 
 class WriterLock:
     """Cross-process lock of one cache's writers.  Not reentrant, not
@@ -59,7 +64,6 @@ class WriterLock:
         self._timeout = timeout
         self._token_p: Any = mapping.field("lock_token")
         self._seq_p: Any = mapping.field("lock_seq")
-        self._info_p: Any = mapping.field("owner_info_gen")
         self._token = 0
         self._owner: Any = ffi.new("struct sc_owner *")
         self._owner_pid = 0
@@ -112,7 +116,7 @@ class WriterLock:
                 ident.pid, ident.start_ms, ident.pidns, ident.boot)
             self._owner_pid = pid
         seq = lib.sc_load_acquire(self._seq_p)
-        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (pid & 0xFFFFFFFF)
+        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (pid & PID_MASK)
         claimed: int = lib.sc_lock_claim(self._map.layout, token, owner)
         if claimed:
             self._token = token
@@ -124,26 +128,25 @@ class WriterLock:
         h = self._map.header
         token = lib.sc_load_acquire(self._token_p)
         seq = lib.sc_load_acquire(self._seq_p)
-        if token:
-            recorded = lib.sc_load_acquire(self._info_p) == token
+        if token and not token & lib.SC_UNRECORDED:
             owner = ProcessIdentity(int(h.owner_pid), int(h.owner_start_ms),
                                     int(h.owner_pidns), int(h.owner_boot))
             if lib.sc_load_acquire(self._token_p) != token:
-                return None
-            if recorded:
-                if judge(owner) is not Liveness.DEAD:
-                    return "alive"
-                if lib.sc_cas(self._token_p, token, 0):
-                    self._post_for_dead()
-                return None
+                return None  # changed hands while we read the record
+            if judge(owner) is not Liveness.DEAD:
+                return "alive"
+            if lib.sc_cas(self._token_p, token, 0):
+                self._post_for_dead()
+            return None
         snapshot = (token, seq)
         if snapshot != suspect:
             return snapshot
-        # Held, unrecorded, unchanged for a whole timeout: abandoned.  The
-        # CAS on lock_seq elects the single waiter that posts.
-        if lib.sc_cas(self._seq_p, seq, seq + 1):
-            if token == 0 or lib.sc_cas(self._token_p, token, 0):
-                self._post_for_dead()
+        # Held, unrecorded, unchanged for a whole timeout: abandoned.  One
+        # CAS elects the single waiter that posts: of the unrecorded token
+        # (which also voids its holder's claim), or of lock_seq when there is
+        # no token at all.
+        if lib.sc_cas(self._token_p, token, 0) if token else lib.sc_cas(self._seq_p, seq, seq + 1):
+            self._post_for_dead()
         return None
 
     def _post_for_dead(self) -> None:
@@ -155,6 +158,6 @@ class WriterLock:
         token = lib.sc_load_acquire(self._token_p)
         where = "" if h.owner_pidns == me().pidns else " in another PID namespace"
         return (
-            f"the writers' lock is held by live pid {token & 0xFFFFFFFF}{where} "
+            f"the writers' lock is held by live pid {token & PID_MASK}{where} "
             f"for more than {self._timeout:g} s"
         )
