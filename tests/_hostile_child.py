@@ -29,7 +29,8 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from shmcache._native import ffi
@@ -546,15 +547,24 @@ def _pristine_keys(name: str) -> tuple[list[str], list[str]]:
     return present, absent
 
 
-def run_cases(name: str, geometry: str, variant: str, first: int, count: int) -> None:
-    """Seeds [first, first + count) against one pristine segment."""
+@contextmanager
+def _pristine(name: str, geometry: str, variant: str) -> Iterator[tuple[int, mmap.mmap, bytes, Layout]]:
+    """Build the segment; yield (fd, read-write mmap, its pristine bytes, its layout)."""
     writer = build(name, GEOMETRIES[geometry], variant, random.Random(f"{geometry}-{variant}"))
     fd = os.open(f"/dev/shm/shmcache.{name}", os.O_RDWR)
     try:
-        total = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, total)
-        pristine = bytes(mm)
-        lay = Layout.of(pristine)
+        with mmap.mmap(fd, os.fstat(fd).st_size) as mm:
+            pristine = bytes(mm)
+            yield fd, mm, pristine, Layout.of(pristine)
+    finally:
+        os.close(fd)
+        writer.close()
+
+
+def run_cases(name: str, geometry: str, variant: str, first: int, count: int) -> None:
+    """Seeds [first, first + count) against one pristine segment."""
+    with _pristine(name, geometry, variant) as (fd, mm, pristine, lay):
+        total = len(pristine)
         present, absent = _pristine_keys(name)
         # The pristine segment itself must read cleanly.
         sane = exercise(name, present, absent, random.Random(0), lay.capacity)
@@ -579,24 +589,14 @@ def run_cases(name: str, geometry: str, variant: str, first: int, count: int) ->
                     os.ftruncate(fd, total)
                 mm[:] = pristine
             print(f"END {seed} {' '.join(o for _, o in outcome)}", flush=True)
-        mm.close()
-    finally:
-        os.close(fd)
-        writer.close()
 
 
 def scribble(name: str, geometry: str, variant: str, seconds: float, seed: int) -> None:
     """Keep rewriting the segment (mutations as in the cases, re-applied from
     the pristine bytes every few rounds) while readers in other processes
     read it; prints READY once the segment exists and SCRIBBLED n at the end."""
-    writer = build(name, GEOMETRIES[geometry], variant, random.Random(f"{geometry}-{variant}"))
     rng = random.Random(seed)
-    fd = os.open(f"/dev/shm/shmcache.{name}", os.O_RDWR)
-    try:
-        total = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, total)
-        pristine = bytes(mm)
-        lay = Layout.of(pristine)
+    with _pristine(name, geometry, variant) as (_, mm, pristine, lay):
         print("READY", flush=True)
         deadline = time.monotonic() + seconds
         rounds = 0
@@ -611,11 +611,7 @@ def scribble(name: str, geometry: str, variant: str, seconds: float, seed: int) 
                 mm[:] = bytes(buf) if rng.random() < 0.5 else pristine
             rounds += 1
         mm[:] = pristine
-        mm.close()
         print(f"SCRIBBLED {rounds}", flush=True)
-    finally:
-        os.close(fd)
-        writer.close()
 
 
 def read_loop(name: str, seconds: float, capacity: int) -> None:
