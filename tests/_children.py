@@ -482,6 +482,24 @@ def hold_lock(name: str, then: str) -> None:
         os._exit(3)
 
 
+def half_replace(name: str) -> None:
+    """Begin a replace() at rv + 5 exactly as Writer.replace does, apply one
+    of its items, then exit holding the lock."""
+    w = Writer(name, create=False)
+    w._thread_lock.acquire()
+    w._begin()
+    h = w._map.header
+    rv = int(h.rv) + 5
+    h.op_arg = rv
+    h.op_state = lib.SC_OP_REPLACING
+    w._expire_window(rv)
+    lib.sc_store_clear(w._layout)
+    raw, value = b"new/0", b"partial"
+    assert lib.sc_apply(w._layout, lib.SC_ADDED, raw, len(raw), value, len(value), rv, 0) > 0
+    emit("held", rv)
+    os._exit(3)
+
+
 # ---- tests 6 and 8: watchers --------------------------------------------------
 
 
@@ -600,7 +618,7 @@ def read_everything(name: str) -> None:
 
 CHILDREN: dict[str, Callable[..., None]] = {
     f.__name__: f
-    for f in (write_workload, drain, lister, put_loop, hold_lock, watcher, creator,
+    for f in (write_workload, drain, lister, put_loop, hold_lock, half_replace, watcher, creator,
               mixed_writer, poke, read_everything)
 }
 

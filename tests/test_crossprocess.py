@@ -33,6 +33,7 @@ from shmcache import (
     Item,
     LockTimeout,
     Reader,
+    ResourceExpired,
     Writer,
 )
 
@@ -564,6 +565,34 @@ def test_dead_lock_holder_is_recovered(name: str, then: str) -> None:
         for key in ("victim", "k", "half", "after"):  # get() reads the repaired store
             assert r.get(key) == (Item(key, *expect[key]) if key in expect else None), key
         assert other.put("k", make_value("k", 9)) == newest + 2
+
+
+def test_crash_inside_replace_leaves_an_empty_store_at_its_rv(name: str) -> None:
+    """A writer that dies halfway through replace(): the next writer finishes
+    the relist as an empty store at the replace's RV; every old window is
+    expired, so readers relist; list() never shows the half-built store."""
+    with ExitStack() as stack:
+        w = stack.enter_context(small_writer(name))
+        for i in range(3):
+            w.put(f"old/{i}", make_value(f"old/{i}", i + 1))
+        r = stack.enter_context(Reader(name))
+        old_window = r.interval(1, buffer_size=1)
+        child = stack.enter_context(spawn("half_replace", {"name": name}))
+        assert child.expect("held") == "held 8"
+        assert child.wait() == 3
+        with pytest.raises(ResourceExpired, match="replace"):
+            r.list()  # the store is half built: no snapshot exists
+        with pytest.raises(ResourceExpired):
+            old_window.next()
+        other = stack.enter_context(Writer(name, create=False, lock_timeout=0.3))
+        assert other.put("after", b"a") == 9
+        assert lock_recoveries(r) == 1
+        assert r.list() == (9, [Item("after", b"a", 9)])
+        assert r.get("new/0") is None and r.get("old/0") is None
+        assert r.oldest_resource_version == 9
+        assert [e.rv for e in r.interval(8)] == [9]
+        with pytest.raises(ResourceExpired, match=r"too old resource version: 7 \(8\)"):
+            r.interval(7)
 
 
 # ---- 6. watch wakes across processes ---------------------------------------------------
