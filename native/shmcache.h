@@ -112,7 +112,8 @@ struct sc_header {
     uint32_t reserved1;
     uint64_t pad2[7];
 
-    uint64_t tail_pad[440];     /* to 4096 bytes */
+    char socket_path[256];      /* the owning daemon's producer socket, NUL-terminated */
+    uint64_t tail_pad[408];     /* to 4096 bytes */
 };
 
 /* ring slot: 32 bytes */

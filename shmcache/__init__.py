@@ -6,6 +6,7 @@ bounded ring; readers map the segment read-only and, without any lock,
 """
 
 from ._events import Event, EventType, Item, Snapshot
+from ._producer import Producer, default_socket_path
 from ._reader import Interval, Reader
 from ._writer import Writer
 from .exceptions import (
@@ -14,11 +15,13 @@ from .exceptions import (
     CacheExists,
     CacheFull,
     CacheNotFound,
+    DaemonUnavailable,
     InvalidKey,
     InvalidName,
     InvalidResourceVersion,
     InvalidSize,
     LockTimeout,
+    ProtocolError,
     ResourceExpired,
     ShmCacheError,
     ValueTooLarge,
@@ -30,6 +33,7 @@ __all__ = [
     "CacheExists",
     "CacheFull",
     "CacheNotFound",
+    "DaemonUnavailable",
     "Event",
     "EventType",
     "Interval",
@@ -39,12 +43,15 @@ __all__ = [
     "InvalidSize",
     "Item",
     "LockTimeout",
+    "Producer",
+    "ProtocolError",
     "Reader",
     "ResourceExpired",
     "ShmCacheError",
     "Snapshot",
     "ValueTooLarge",
     "Writer",
+    "default_socket_path",
 ]
 
 __version__ = "0.1.0"

@@ -96,6 +96,24 @@ class Reader:
         return int(lib.sc_load_acquire(self._p_rv))
 
     @property
+    def socket_path(self) -> str:
+        """The producer socket the owning daemon advertises ("" if none)."""
+        self._check_alive()
+        raw: bytes = ffi.string(self._h.socket_path, 255)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return ""
+
+    @property
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the owning daemon last refreshed its heartbeat, or
+        None if no daemon ever did."""
+        self._check_alive()
+        beat = int(lib.sc_load_acquire(self._map.field("heartbeat_ms")))
+        return None if beat == 0 else max(0.0, time.time() - beat / 1000)
+
+    @property
     def oldest_resource_version(self) -> int:
         """The effective oldest resource version: that of the oldest event
         still held, except right after a replace at r with no eviction since,

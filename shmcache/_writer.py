@@ -290,6 +290,23 @@ class Writer:
             h.op_state = lib.SC_OP_MUTATING  # done: the release marks it idle
         return new_rv
 
+    # ---- for the owning daemon -----------------------------------------
+
+    def heartbeat(self) -> None:
+        """Record "the owner is alive now" (ms since the epoch) in the header,
+        for readers and ``shmcache status``."""
+        self._check_open()
+        lib.sc_store_release(self._map.field("heartbeat_ms"), _now_ms())
+
+    def advertise_socket(self, path: str) -> None:
+        """Record the producer socket's path in the header, so that clients
+        given only the cache's name find it (at most 255 UTF-8 bytes)."""
+        self._check_open()
+        raw = path.encode()
+        if len(raw) > 255:
+            raise InvalidSize(f"socket path is {len(raw)} bytes; at most 255 fit the header")
+        ffi.memmove(self._h.socket_path, raw + b"\0" * (256 - len(raw)), 256)
+
     # ---- lifecycle -----------------------------------------------------
 
     def close(self, *, unlink: bool | None = None) -> None:

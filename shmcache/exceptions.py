@@ -14,11 +14,13 @@ __all__ = [
     "CacheExists",
     "CacheFull",
     "CacheNotFound",
+    "DaemonUnavailable",
     "InvalidKey",
     "InvalidName",
     "InvalidResourceVersion",
     "InvalidSize",
     "LockTimeout",
+    "ProtocolError",
     "ResourceExpired",
     "ShmCacheError",
     "ValueTooLarge",
@@ -77,6 +79,21 @@ class LockTimeout(ShmCacheError, TimeoutError):
 class CacheFull(ShmCacheError):
     """The store has no room for the change (too many keys or too many bytes);
     nothing was changed."""
+
+
+class DaemonUnavailable(ShmCacheError, ConnectionError):
+    """The daemon's producer socket could not be reached, or the connection
+    broke before a reply: the request may or may not have been applied."""
+
+
+class ProtocolError(ShmCacheError):
+    """The daemon refused a request for a reason no Writer would raise
+    (a malformed frame, a forbidden peer, a read-only mirror...).
+    ``status`` is the protocol's status code (docs/protocol.md)."""
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class InvalidName(ShmCacheError, ValueError):

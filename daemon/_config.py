@@ -1,0 +1,209 @@
+"""shmcached's configuration: command line, then environment, then a TOML
+file, then defaults — each option settable in all three places.
+
+Every option has one entry in OPTIONS: its default, unit and validation.
+A bad value is a ``ConfigError`` naming the option; ``main`` prints it on one
+line and exits 2 before anything is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shmcache._layout import check_name
+from shmcache._producer import default_socket_path
+
+__all__ = ["Config", "ConfigError", "parse"]
+
+
+class ConfigError(Exception):
+    """A bad option value; the message names the option."""
+
+
+def _positive_int(text: Any) -> int:
+    if isinstance(text, (bool, float)):
+        raise ValueError("must be a positive integer")
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _seconds(text: Any) -> float:
+    value = float(text)
+    if not 0 < value < 1e7:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _mode(text: Any) -> int:
+    value = int(text, 8) if isinstance(text, str) else int(text)
+    if not 0 <= value <= 0o777:
+        raise ValueError("must be permission bits such as 0640")
+    return value
+
+
+def _ids(text: Any) -> tuple[int, ...]:
+    items = text if isinstance(text, list) else str(text).split(",")
+    ids = tuple(int(str(i).strip()) for i in items if str(i).strip())
+    if any(i < 0 for i in ids):
+        raise ValueError("must be a comma-separated list of numeric ids")
+    return ids
+
+
+def _group(text: Any) -> int:
+    text = str(text)
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {text!r}") from None
+
+
+def _level(text: Any) -> str:
+    level = str(text).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+def _name(text: Any) -> str:
+    try:
+        return check_name(str(text))
+    except ValueError as err:
+        raise ValueError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the long option, without "--"
+    default: Any  # None: computed (see Config)
+    parse: Callable[[Any], Any]
+    help: str
+
+
+OPTIONS = [
+    Option("name", "default", _name, "the cache to own (env SHMCACHE_NAME too)"),
+    Option("capacity", 4096, _positive_int, "ring capacity, in events"),
+    Option("arena-bytes", 16 << 20, _positive_int, "ring payload arena, in bytes"),
+    Option("max-keys", 65536, _positive_int, "store capacity, in keys"),
+    Option("store-bytes", 64 << 20, _positive_int, "store capacity, in record bytes (the heap is twice that)"),
+    Option("mode", 0o640, _mode, "permission bits of the segment and semaphore, octal"),
+    Option("group", None, _group, "group owning the segment, semaphore and socket (default: the daemon's)"),
+    Option("socket", None, str, "producer socket path (default: derived from the name, see README)"),
+    Option("socket-mode", 0o660, _mode, "permission bits of the producer socket, octal"),
+    Option("allow-uid", None, _ids, "uids allowed to produce, comma-separated (default: the daemon's uid and 0)"),
+    Option("allow-gid", None, _ids, "gids allowed to produce, comma-separated (default: the daemon's gid)"),
+    Option("max-frame-bytes", 17 << 20, _positive_int, "largest request frame, in bytes"),
+    Option("max-clients", 1024, _positive_int, "producer connections served at once"),
+    Option("client-timeout", 30.0, _seconds, "a client that stalls mid-frame this long is dropped, in seconds"),
+    Option("lock-timeout", 5.0, _seconds, "wait for a live holder of the writers' lock, in seconds"),
+    Option("heartbeat", 1.0, _seconds, "heartbeat and status interval, in seconds"),
+    Option("log-level", "info", _level, "debug, info, warning or error"),
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    capacity: int
+    arena_bytes: int
+    max_keys: int
+    store_bytes: int
+    mode: int
+    group: int | None
+    socket: str
+    socket_mode: int
+    allow_uid: tuple[int, ...]
+    allow_gid: tuple[int, ...]
+    max_frame_bytes: int
+    max_clients: int
+    client_timeout: float
+    lock_timeout: float
+    heartbeat: float
+    log_level: str
+
+
+def _env_name(option: str) -> str:
+    return "SHMCACHED_" + option.upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmcached",
+        description="Own one shmcache cache: create its shared memory segment, serve "
+        "producers on a Unix socket, keep a heartbeat, and remove it all on SIGTERM.",
+        epilog="Each option can also be set in the TOML file of --config (key: the option's "
+        "name with '_' for '-') or in the environment (SHMCACHED_<OPTION>, e.g. "
+        "SHMCACHED_ARENA_BYTES); the command line wins over the environment, which wins "
+        "over the file.",
+    )
+    parser.add_argument("--config", metavar="PATH", default=os.environ.get("SHMCACHED_CONFIG"),
+                        help="TOML file with any of the options below (env SHMCACHED_CONFIG)")
+    for opt in OPTIONS:
+        default = opt.default
+        if default is None:
+            text = opt.help  # the help says how the default is computed
+        elif opt.parse is _mode:
+            text = f"{opt.help} (default: {default:04o})"
+        else:
+            text = f"{opt.help} (default: {default})"
+        parser.add_argument(f"--{opt.name}", metavar=opt.name.split("-")[-1].upper(),
+                            default=None, help=text)
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """The configuration; ConfigError for a bad value, SystemExit(2) for bad
+    usage (argparse's own message)."""
+    args = vars(build_parser().parse_args(argv))
+    file_values: dict[str, Any] = {}
+    if args["config"]:
+        try:
+            with open(args["config"], "rb") as f:
+                file_values = tomllib.load(f)
+        except OSError as err:
+            raise ConfigError(f"--config: cannot read {args['config']}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--config: {args['config']} is not valid TOML: {err}") from None
+        known = {opt.name.replace("-", "_") for opt in OPTIONS}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(f"--config: unknown option {unknown[0]!r} in {args['config']}")
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        key = opt.name.replace("-", "_")
+        raw = args[key]
+        source = f"--{opt.name}"
+        if raw is None:
+            env = _env_name(opt.name)
+            raw = os.environ.get(env)
+            if raw is None and opt.name == "name":
+                raw = os.environ.get("SHMCACHE_NAME")
+            source = f"--{opt.name} (from the environment)"
+        if raw is None and key in file_values:
+            raw = file_values[key]
+            source = f"--{opt.name} (from {args['config']})"
+        if raw is None:
+            values[key] = opt.default
+            continue
+        try:
+            values[key] = opt.parse(raw)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{source}: {raw!r} {err}") from None
+    if values["socket"] is None:
+        values["socket"] = default_socket_path(values["name"])
+    if values["allow_uid"] is None:
+        values["allow_uid"] = tuple(sorted({os.getuid(), 0}))
+    if values["allow_gid"] is None:
+        values["allow_gid"] = (os.getgid(),)
+    if len(values["socket"].encode()) > 107:
+        raise ConfigError(f"--socket: {values['socket']!r} is longer than a Unix socket path may be")
+    return Config(**values)

@@ -1,0 +1,174 @@
+"""``Producer``: write to a cache through its daemon, without mapping the
+segment read-write (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from . import _protocol as proto
+from ._layout import check_name
+from ._reader import Reader
+from ._writer import ValueLike, _as_bytes, encode_key
+from .exceptions import (
+    CacheClosed,
+    CacheCorrupted,
+    CacheNotFound,
+    DaemonUnavailable,
+    InvalidResourceVersion,
+    ProtocolError,
+)
+
+__all__ = ["Producer", "default_socket_path"]
+
+
+def default_socket_path(name: str) -> str:
+    """Where a daemon for cache ``name`` listens unless told otherwise:
+    ``$RUNTIME_DIRECTORY/NAME.sock`` (systemd's RuntimeDirectory=), else
+    ``$XDG_RUNTIME_DIR/shmcache.NAME.sock``, else ``/tmp/shmcache.NAME.sock``."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, f"{name}.sock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg or "/tmp", f"shmcache.{name}.sock")
+
+
+def socket_path_of(name: str) -> str:
+    """The socket the daemon owning ``name`` recorded in the segment's header,
+    else the default path."""
+    try:
+        with Reader(name) as reader:
+            recorded = reader.socket_path
+    except (CacheNotFound, CacheClosed, CacheCorrupted, PermissionError):
+        recorded = ""
+    return recorded or default_socket_path(name)
+
+
+class Producer:
+    """A connection to the daemon owning a cache.
+
+    ``name_or_path``: a cache name (the socket is found in the cache's header,
+    or at :func:`default_socket_path`) or a socket path (anything containing
+    ``/``).  Methods mirror :class:`Writer` and raise the same exceptions
+    (KeyError, CacheFull, InvalidKey, ValueTooLarge, InvalidResourceVersion,
+    LockTimeout, CacheClosed while the daemon shuts down); ProtocolError for
+    refusals no Writer makes, DaemonUnavailable when the daemon cannot be
+    reached or the connection breaks (the request may then have been
+    applied or not).  ``timeout`` bounds each request, in seconds.  Safe to
+    share between threads (requests are serialised).
+    """
+
+    def __init__(self, name_or_path: str = "default", *, timeout: float = 10.0) -> None:
+        if "/" in name_or_path:
+            self.path = name_or_path
+        else:
+            self.path = socket_path_of(check_name(name_or_path))
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except OSError as err:
+            self._sock.close()
+            self._sock = None
+            raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}") from err
+
+    # ---- requests ------------------------------------------------------
+
+    def put(self, key: str, value: ValueLike, *, rv: int | None = None) -> int:
+        """Set ``key``; the event's resource version."""
+        raw = encode_key(key)
+        return self._call(proto.encode_keyed(proto.Op.PUT, raw, _as_bytes(value), self._rv(rv)))[0]
+
+    def delete(self, key: str, *, rv: int | None = None) -> int:
+        """Remove ``key`` (KeyError if absent); the event's resource version."""
+        raw = encode_key(key)
+        return self._call(proto.encode_keyed(proto.Op.DELETE, raw, b"", self._rv(rv)))[0]
+
+    def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
+        """Apply the pairs under one lock hold (None deletes), validated as a
+        whole; the last resource version."""
+        batch: list[tuple[bytes, bytes | None]] = []
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"put_many items are (key, value) pairs, not {item!r:.60}")
+            key, value = item
+            batch.append((encode_key(key), None if value is None else _as_bytes(value)))
+        return self._call(proto.encode_batch(batch))[0]
+
+    def ping(self) -> int:
+        """The cache's current resource version, from the daemon."""
+        return self._call(proto.encode_simple(proto.Op.PING))[0]
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters (docs/protocol.md, STATS)."""
+        body = self._call(proto.encode_simple(proto.Op.STATS))[1]
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    # ---- plumbing ------------------------------------------------------
+
+    @staticmethod
+    def _rv(rv: int | None) -> int:
+        if rv is None:
+            return 0
+        if isinstance(rv, bool) or not isinstance(rv, int):
+            raise TypeError(f"rv must be int, not {type(rv).__name__}")
+        if not 0 < rv < 1 << 63:
+            raise InvalidResourceVersion(f"rv {rv} must be in [1, {(1 << 63) - 1}]")
+        return rv
+
+    def _call(self, request: bytes) -> tuple[int, bytes]:
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise DaemonUnavailable("this producer is closed")
+            try:
+                sock.sendall(request)
+                size = proto.FRAME_HEADER.unpack(self._read(sock, proto.FRAME_HEADER.size))[0]
+                if size < proto.REPLY.size or size > 1 << 24:
+                    raise ProtocolError(f"reply of {size} bytes does not parse")
+                payload = self._read(sock, size)
+            except OSError as err:
+                self._close_locked()
+                raise DaemonUnavailable(f"connection to {self.path} broke: {err}") from err
+        status, rv = proto.REPLY.unpack_from(payload)
+        body = payload[proto.REPLY.size:]
+        if status != proto.Status.OK:
+            if status in (proto.Status.BAD_FRAME, proto.Status.FRAME_TOO_LARGE, proto.Status.FORBIDDEN):
+                self.close()  # the daemon closes these connections
+            proto.raise_for(status, body.decode(errors="replace"))
+        return int(rv), body
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = sock.recv(min(n, 1 << 20))
+            if not chunk:
+                raise ConnectionResetError("the daemon closed the connection")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def _close_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shmcache.Producer {self.path!r}{' closed' if self._sock is None else ''}>"
