@@ -46,6 +46,7 @@ class Client:
     outbuf: bytearray = field(default_factory=bytearray)
     partial_since: float | None = None  # when an incomplete frame started waiting
     closing: bool = False  # close once outbuf is sent
+    events: int = selectors.EVENT_READ  # what the selector watches for now
 
 
 class Daemon:
@@ -321,8 +322,9 @@ class Daemon:
         want = selectors.EVENT_WRITE if client.outbuf else 0
         if len(client.outbuf) < PAUSE_READING_AT and not client.closing:
             want |= selectors.EVENT_READ
-        if want:
+        if want and want != client.events:  # each change is a system call
             self.selector.modify(client.sock, want, "client")
+            client.events = want
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.config.client_timeout
