@@ -37,15 +37,17 @@ def default_socket_path(name: str) -> str:
     return os.path.join(xdg or "/tmp", f"shmcache.{name}.sock")
 
 
-def socket_path_of(name: str) -> str:
+def socket_path_of(name: str) -> tuple[str, str]:
     """The socket the daemon owning ``name`` recorded in the segment's header,
-    else the default path."""
+    else the default path with the reason the header did not tell."""
     try:
         with Reader(name) as reader:
             recorded = reader.socket_path
-    except (CacheNotFound, CacheClosed, CacheCorrupted, PermissionError):
-        recorded = ""
-    return recorded or default_socket_path(name)
+    except (CacheNotFound, CacheClosed, CacheCorrupted, PermissionError) as err:
+        return default_socket_path(name), f"the cache's header is not readable here: {err}"
+    if recorded:
+        return recorded, ""
+    return default_socket_path(name), "no daemon recorded a socket in the cache's header"
 
 
 class Producer:
@@ -63,10 +65,11 @@ class Producer:
     """
 
     def __init__(self, name_or_path: str = "default", *, timeout: float = 10.0) -> None:
+        guessed = ""
         if "/" in name_or_path:
             self.path = name_or_path
         else:
-            self.path = socket_path_of(check_name(name_or_path))
+            self.path, guessed = socket_path_of(check_name(name_or_path))
         self._lock = threading.Lock()
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -75,7 +78,8 @@ class Producer:
         except OSError as err:
             self._sock.close()
             self._sock = None
-            raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}") from err
+            hint = f" (the default path: {guessed}; pass the socket's path instead)" if guessed else ""
+            raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}{hint}") from err
 
     # ---- requests ------------------------------------------------------
 
