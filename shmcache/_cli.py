@@ -1,0 +1,800 @@
+"""The ``shmcache`` command line: read, write, watch and inspect a cache.
+
+Reading (``get``, ``list``, ``watch``, ``status``) maps the segment read-only,
+exactly as a ``Reader``; writing (``put``, ``delete``) goes through the owning
+daemon's socket (a ``Producer``) unless ``--direct`` asks for a ``Writer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import psutil
+
+from ._events import Event, Item
+from ._layout import sem_name, shm_name
+from ._owner import Liveness, ProcessIdentity, judge
+from ._producer import Producer
+from ._reader import Reader, _encode_prefix
+from ._writer import Writer, encode_key
+from .exceptions import (
+    CacheClosed,
+    CacheNotFound,
+    DaemonUnavailable,
+    InvalidKey,
+    InvalidName,
+    ResourceExpired,
+    ShmCacheError,
+)
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # also: any other error
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_EXPIRED = 4
+
+DESCRIPTION = """\
+A node-local watch cache in POSIX shared memory: read, write, watch and
+inspect one cache.  Reads map the segment read-only (no daemon needed);
+writes go through the owning daemon's socket (shmcached), or straight into
+the segment with --direct."""
+
+EPILOG = """\
+every command takes --name NAME (default: $SHMCACHE_NAME, else "default";
+demo: a new demo-PID cache) and -o/--output human|json, before or after the
+command's name.
+
+output (-o json: for scripts; human: the default):
+  get, list      json: {"rv": SNAPSHOT_RV, "items": [{"key", "rv", VALUE}, ...]}
+                 (get: the one item {"key", "rv", VALUE}); human: a table
+  watch          json: one object per line {"type", "key", "rv", VALUE};
+                 human: one line per event: TYPE KEY RV VALUE
+  put, delete    json: {"op", "key", "rv"}; human: one line
+  status         json: one object; human: one field per line
+  VALUE is "value": TEXT when the value is valid UTF-8, else "value_b64":
+  BASE64 of its bytes.  Human output shows printable UTF-8 as it is and
+  escapes any other value: \\xNN for a byte that is not UTF-8, \\n \\t \\r,
+  \\xNN \\uNNNN for other unprintable characters, \\\\ for a backslash; use
+  -o json (or get --raw) for exact bytes.  Errors go to stderr, one line.
+
+exit status:
+  0  ok (watch: also after Ctrl-C or --timeout)
+  1  key not found (get or delete of a missing key), or any other error
+     (a full cache, a value too large, a refused request, permission denied)
+  2  usage or configuration error (bad arguments, an invalid name or key)
+  3  cache not found or closed by its owner, or no daemon on the socket
+  4  resource expired: watch --no-relist fell behind the ring (or list was
+     outrun by writers 8 times in a row)"""
+
+
+# ---- showing values ------------------------------------------------------------
+
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+
+def show(data: bytes) -> str:
+    """``data`` for a terminal: printable UTF-8 as it is, anything else with
+    backslash escapes (see the epilog)."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        pass
+    else:
+        if text.isprintable():
+            return text
+    out = []
+    for ch in data.decode("utf-8", "surrogateescape"):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def show_key(key: str) -> str:
+    return key if key.isprintable() else show(key.encode())
+
+
+def json_value(value: bytes) -> dict[str, str]:
+    """{"value": text} for UTF-8, else {"value_b64": base64}."""
+    try:
+        return {"value": value.decode()}
+    except UnicodeDecodeError:
+        return {"value_b64": base64.b64encode(value).decode("ascii")}
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, ensure_ascii=True)
+
+
+def _item_json(item: Item) -> dict[str, Any]:
+    return {"key": item.key, "rv": item.rv, **json_value(item.value)}
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    return {"type": event.type.name, "key": event.key, "rv": event.rv, **json_value(event.value)}
+
+
+def _event_line(event: Event) -> str:
+    return f"{event.type.name:<8} {show_key(event.key)} {event.rv} {show(event.value)}"
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    """Columns padded to their widest cell; the last column unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        line = "  ".join([*cells, row[-1]])
+        print(line if row[-1] else line.rstrip(), file=out)
+
+
+# ---- errors --------------------------------------------------------------------
+
+
+class Failure(Exception):
+    """A reported failure: its message goes to stderr, its code is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _error(message: str) -> None:
+    print(f"shmcache: error: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Whoever read our output went away (``watch | head``): not an error;
+    point stdout at /dev/null so that the flush at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call the command's handler; map every expected exception to its exit status."""
+    try:
+        return handler(args)
+    except Failure as err:
+        _error(str(err))
+        return err.code
+    except (InvalidName, InvalidKey) as err:
+        _error(str(err))
+        return EXIT_USAGE
+    except DaemonUnavailable as err:
+        _error(f"{err} (is shmcached running for cache {args.name!r}? --direct writes "
+               "the segment without it)")
+        return EXIT_UNAVAILABLE
+    except (CacheNotFound, CacheClosed) as err:
+        _error(str(err))
+        return EXIT_UNAVAILABLE
+    except ResourceExpired as err:
+        _error(str(err))
+        return EXIT_EXPIRED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except (ShmCacheError, OSError) as err:
+        _error(str(err) or type(err).__name__)
+        return EXIT_NOT_FOUND
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- writes --------------------------------------------------------------------
+
+
+@contextmanager
+def _writer(args: argparse.Namespace) -> Iterator[Writer | Producer]:
+    if args.direct:
+        target: Writer | Producer = Writer(args.name, create=False)
+    elif args.socket:
+        path = args.socket if "/" in args.socket else os.path.join(".", args.socket)
+        target = Producer(path)
+    else:
+        target = Producer(args.name)
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    key: str = args.key
+    encode_key(key)  # a bad key is a usage error, whatever the cache's state
+    if args.value == "-":
+        value = sys.stdin.buffer.read()
+    else:
+        value = os.fsencode(args.value)  # the argument's bytes, even if not UTF-8
+    with _writer(args) as w:
+        rv = w.put(key, value, rv=args.rv)
+    if args.output == "json":
+        print(_dumps({"op": "put", "key": key, "rv": rv}))
+    else:
+        print(f"{show_key(key)} set at rv {rv}")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    key: str = args.key
+    encode_key(key)
+    with _writer(args) as w:
+        try:
+            rv = w.delete(key, rv=args.rv)
+        except KeyError:
+            raise Failure(f"key not found: {key}", EXIT_NOT_FOUND) from None
+    if args.output == "json":
+        print(_dumps({"op": "delete", "key": key, "rv": rv}))
+    else:
+        print(f"{show_key(key)} deleted at rv {rv}")
+    return EXIT_OK
+
+
+# ---- reads ---------------------------------------------------------------------
+
+
+def _print_items(items: list[Item]) -> None:
+    rows = [["KEY", "RV", "VALUE"]]
+    rows += [[show_key(i.key), str(i.rv), show(i.value)] for i in items]
+    _table(rows, sys.stdout)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    key: str = args.key
+    encode_key(key)
+    with Reader(args.name) as reader:
+        item = reader.get(key)
+    if item is None:
+        raise Failure(f"key not found: {key}", EXIT_NOT_FOUND)
+    if args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(item.value)
+        sys.stdout.buffer.flush()
+    elif args.output == "json":
+        print(_dumps(_item_json(item)))
+    else:
+        _print_items([item])
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _encode_prefix(args.prefix)
+    with Reader(args.name) as reader:
+        snapshot = reader.list(args.prefix)
+    if args.output == "json":
+        print(_dumps({"rv": snapshot.rv, "items": [_item_json(i) for i in snapshot.items]}))
+    elif snapshot.items:
+        _print_items(snapshot.items)
+    else:
+        print(f"no keys{f' under {show_key(args.prefix)!r}' if args.prefix else ''} "
+              f"at rv {snapshot.rv}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    _encode_prefix(args.prefix)
+    since: int = args.since
+    json_out = args.output == "json"
+    write = sys.stdout.write
+    try:
+        with Reader(args.name) as reader:
+            while True:
+                try:
+                    for event in reader.watch(since, prefix=args.prefix, timeout=args.timeout):
+                        write((_dumps(_event_json(event)) if json_out else _event_line(event)) + "\n")
+                        sys.stdout.flush()
+                        since = event.rv
+                    return EXIT_OK  # --timeout passed without an event
+                except ResourceExpired as err:
+                    if args.no_relist:
+                        raise Failure(f"{err}; list again, or watch without --no-relist",
+                                      EXIT_EXPIRED) from None
+                    print(f"shmcache: {err}: listing again", file=sys.stderr)
+                    since = 0
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# ---- status --------------------------------------------------------------------
+
+
+def mapping_processes(name: str) -> tuple[list[dict[str, Any]], int]:
+    """The processes (other than this one) that map cache ``name``'s segment:
+    [{"pid", "name", "mode": "ro"|"rw", "mappings"}], and how many processes
+    could not be inspected (another user's, without privileges)."""
+    try:
+        st = os.stat("/dev/shm" + shm_name(name))
+    except FileNotFoundError:
+        return [], 0
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}".encode()
+    inode = str(st.st_ino).encode()
+    needle = ("/dev/shm" + shm_name(name)).encode()
+    found: list[dict[str, Any]] = []
+    uninspected = 0
+    me = os.getpid()
+    for proc in psutil.process_iter(["name"]):
+        if proc.pid == me:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/maps", "rb") as f:
+                maps = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        except OSError:
+            uninspected += 1
+            continue
+        if needle not in maps:
+            continue
+        writable = False
+        count = 0
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)
+            # address perms offset dev inode path: the same inode, not an
+            # older segment of that name (shown "(deleted)") still mapped
+            if len(fields) == 6 and fields[4] == inode and fields[3].lower() == device \
+                    and fields[5].startswith(needle):
+                count += 1
+                writable = writable or fields[1][1:2] == b"w"
+        if count:
+            found.append({"pid": proc.pid, "name": proc.info.get("name") or "?",
+                          "mode": "rw" if writable else "ro", "mappings": count})
+    found.sort(key=lambda p: int(p["pid"]))
+    return found, uninspected
+
+
+def status_of(name: str) -> dict[str, Any]:
+    """Everything ``shmcache status`` reports, as one JSON-ready dict."""
+    with Reader(name) as reader:
+        h: Any = reader._h
+        g = reader.geometry
+        rv = reader.resource_version
+        oldest = reader.oldest_resource_version
+        start, end, _ = reader._window()
+        cap = g.capacity
+        ring_bytes = 0
+        if end > start:
+            first = int(reader._slots[start % cap].data_pos)
+            ring_bytes = min(max(int(h.arena_head) - first, 0), g.arena_bytes)
+        owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ms),
+                                int(h.creator_pidns), int(h.creator_boot))
+        liveness = judge(owner)
+        owner_name = None
+        if liveness is Liveness.ALIVE:
+            try:
+                owner_name = psutil.Process(owner.pid).name()
+            except psutil.Error:
+                pass
+        heartbeat = reader.heartbeat_age
+        status: dict[str, Any] = {
+            "name": name,
+            "path": "/dev/shm" + shm_name(name),
+            "epoch": f"{int(h.epoch):016x}",
+            "created": int(h.created_ms) / 1000,
+            "owner": {
+                "pid": owner.pid,
+                "name": owner_name,
+                "liveness": liveness.value,
+                "alive": None if liveness is Liveness.UNKNOWABLE else liveness is Liveness.ALIVE,
+            },
+            "heartbeat_age": None if heartbeat is None else round(heartbeat, 3),
+            "socket": reader.socket_path or None,
+            "rv": rv,
+            "oldest_rv": oldest,
+            "ring": {"events": end - start, "capacity": cap,
+                     "bytes": ring_bytes, "arena_bytes": g.arena_bytes},
+            "store": {"keys": int(h.live_keys), "max_keys": g.max_keys,
+                      "bytes": int(h.live_bytes), "store_bytes": g.store_bytes},
+            "events_written": int(h.events_written),
+            "events_evicted": int(h.events_evicted),
+        }
+    processes, uninspected = mapping_processes(name)
+    status["processes"] = processes
+    status["uninspected_processes"] = uninspected
+    return status
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _fill(part: int, whole: int, unit: str) -> str:
+    return f"{part} of {whole} {unit} ({100 * part / whole:.0f}%)" if whole else f"{part} {unit}"
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    owner = s["owner"]
+    created = datetime.fromtimestamp(s["created"], UTC).astimezone()
+    who = f"pid {owner['pid']}" + (f" ({owner['name']})" if owner["name"] else "")
+    beat = s["heartbeat_age"]
+    ring, store = s["ring"], s["store"]
+    lines = [
+        ("cache", f"{s['name']} ({s['path']})"),
+        ("epoch", s["epoch"]),
+        ("created", created.isoformat(timespec="seconds")),
+        ("owner", f"{who}, {owner['liveness']}"),
+        ("heartbeat", "never (no daemon owns it)" if beat is None else f"{beat:.1f} s ago"),
+        ("socket", s["socket"] or "none"),
+        ("rv", f"{s['rv']} (oldest {s['oldest_rv']})"),
+        ("ring", ", ".join((_fill(ring["events"], ring["capacity"], "events"),
+                            _fill(ring["bytes"], ring["arena_bytes"], "bytes")))),
+        ("store", ", ".join((_fill(store["keys"], store["max_keys"], "keys"),
+                             _fill(store["bytes"], store["store_bytes"], "bytes")))),
+        ("events", f"{s['events_written']} written, {s['events_evicted']} evicted"),
+        ("mapped by", _plural(len(s["processes"]), "other process")
+                      + (f" ({s['uninspected_processes']} not inspectable)" if s["uninspected_processes"] else "")),
+    ]
+    for label, text in lines:
+        print(f"{label + ':':<11} {text}")
+    for p in s["processes"]:
+        print(f"  pid {p['pid']:<8} {p['mode']}  {show_key(p['name'])}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = status_of(args.name)
+    if args.output == "json":
+        print(_dumps(status))
+    else:
+        _print_status(status)
+    return EXIT_OK
+
+
+# ---- demo ----------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.daemon:
+        return run_daemon_demo(readers=args.readers, producers=args.producers, events=args.events,
+                               batch=args.batch, capacity=args.capacity, name=args.name)
+    from ._demo import run
+
+    return run(readers=args.readers, events=args.events, batch=args.batch,
+               capacity=args.capacity, name=args.name)
+
+
+DEMO_KEYS = 1000
+DEMO_WAIT = 60.0  # seconds: the longest any step of the daemon demo may take
+
+
+def _produce(name: str, index: int, producers: int, events: int, batch: int, ready: Any,
+             go: Any, results: Any) -> None:
+    """A producer process of the daemon demo: its share of the events, in
+    put_many batches through the daemon's socket."""
+    from ._demo import _value
+
+    try:
+        seqs = range(index, events, producers)
+        with Producer(name) as producer:
+            ready.put(index)
+            if not go.wait(DEMO_WAIT):
+                raise TimeoutError("never told to start")
+            start = time.perf_counter()
+            rv = 0
+            for i in range(0, len(seqs), batch):
+                rv = producer.put_many([(f"demo/{s % DEMO_KEYS}", _value(f"demo/{s % DEMO_KEYS}", s))
+                                        for s in seqs[i:i + batch]])
+            elapsed = time.perf_counter() - start
+        results.put((index, len(seqs), elapsed, rv, ""))
+    except Exception as err:  # reported by the parent, which fails the demo
+        results.put((index, 0, 0.0, 0, f"{type(err).__name__}: {err}"))
+        sys.exit(1)  # the parent may be waiting for this producer's "connected"
+
+
+def _collect(results: Any, procs: list[Any], count: int, what: str) -> list[Any]:
+    """``count`` results from the queue; RuntimeError if a process died
+    without one or DEMO_WAIT passed."""
+    got: list[Any] = []
+    deadline = time.monotonic() + DEMO_WAIT
+    while len(got) < count:
+        try:
+            got.append(results.get(timeout=0.2))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"a {what} process exited with status {dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count - len(got)} {what} processes said nothing for {DEMO_WAIT:.0f} s")
+    return sorted(got)
+
+
+def _wait_for_daemon(daemon: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + DEMO_WAIT
+    while True:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"shmcached exited with status {daemon.returncode} before it was ready")
+        try:
+            with Reader(name) as reader:
+                if reader.heartbeat_age is not None:
+                    return
+        except (CacheNotFound, CacheClosed):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"shmcached did not serve cache {name!r} within {DEMO_WAIT:.0f} s")
+        time.sleep(0.02)
+
+
+def _stop(procs: list[Any]) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.exitcode is None:
+            p.kill()
+            p.join(timeout=10)
+
+
+def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_000,
+                    batch: int = 64, capacity: int = 4096, name: str | None = None) -> int:
+    """``shmcache demo --daemon``: shmcached owns the cache, producer
+    processes write through its socket, reader processes watch and verify
+    every event; then SIGTERM and a check that nothing is left behind.
+    Returns the exit status (0: every check held)."""
+    from ._demo import STOP_KEY, _reader
+
+    name = name or f"demo-{os.getpid()}"
+    tmp = tempfile.mkdtemp(prefix="shmcache-demo-")
+    sock = os.path.join(tmp, "shmcached.sock")
+    log_path = os.path.join(tmp, "shmcached.log")
+    cmd = [sys.executable, "-m", "shmcached", "--name", name, "--capacity", str(capacity),
+           "--arena-bytes", str(capacity * 256), "--max-keys", str(DEMO_KEYS + 2),
+           "--store-bytes", str(max(1 << 20, DEMO_KEYS * 256)), "--socket", sock,
+           "--heartbeat", "0.2", "--log-level", "warning"]
+    ctx = multiprocessing.get_context("spawn")
+    ready, results, produced, go = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs: list[Any] = []
+    ok = True
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        try:
+            _wait_for_daemon(daemon, name)
+            print(f"shmcached: pid {daemon.pid} owns cache {name!r} ({capacity} ring slots); "
+                  f"producers connect to {sock}")
+            with Producer(name) as control:
+                control.put("demo/start", b"")  # readers' snapshots start past rv 0
+                watchers = [ctx.Process(target=_reader, args=(name, ready, results, i))
+                            for i in range(readers)]
+                procs += watchers
+                for p in watchers:
+                    p.start()
+                _collect(ready, watchers, readers, "reader")
+                mapped, _ = mapping_processes(name)
+                print(f"{_plural(readers, 'reader process')} watching; mapping the segment: "
+                      + ", ".join(f"pid {m['pid']} ({m['mode']})" for m in mapped))
+                writers = [ctx.Process(target=_produce,
+                                       args=(name, i, producers, events, batch, ready, go, produced))
+                           for i in range(producers)]
+                procs += writers
+                for p in writers:
+                    p.start()
+                _collect(ready, writers, producers, "producer")  # each one connected
+                start = time.perf_counter()
+                go.set()
+                for index, n, elapsed, rv, error in _collect(produced, writers, producers, "producer"):
+                    if error:
+                        print(f"producer {index}: FAILED: {error}", file=sys.stderr)
+                        ok = False
+                    else:
+                        print(f"producer {index}: {n:,} events in {elapsed:.2f} s = "
+                              f"{n / max(elapsed, 1e-9):,.0f} events/s through the socket "
+                              f"(put_many batches of {batch}), last rv {rv}")
+                elapsed = time.perf_counter() - start
+                control.put(STOP_KEY, b"")
+                stats = control.stats()
+            print(f"shmcached: {events:,} events in {elapsed:.2f} s = {events / elapsed:,.0f} events/s "
+                  f"from {producers} producers; {stats['requests']:,} requests, "
+                  f"{stats['rejected']} rejected; rv {stats['rv']}, {stats['keys']} keys")
+            for index, seen, expired, bad, rv, items in _collect(results, watchers, readers, "reader"):
+                print(f"reader {index}: {seen:,} events verified, {expired} relists after "
+                      f"ResourceExpired, {bad} bad; final list() at rv {rv}: {items} keys")
+                ok = ok and bad == 0 and items == min(DEMO_KEYS, events) + 2
+            for p in procs:
+                p.join(timeout=DEMO_WAIT)
+                ok = ok and p.exitcode == 0
+        except (RuntimeError, ShmCacheError, OSError) as err:
+            print(f"demo failed: {err}", file=sys.stderr)
+            ok = False
+        finally:
+            _stop(procs)
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = daemon.wait(timeout=DEMO_WAIT)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            rc = daemon.wait(timeout=DEMO_WAIT)
+        left = [path for path in ("/dev/shm" + shm_name(name), "/dev/shm/sem." + sem_name(name)[1:], sock)
+                if os.path.exists(path)]
+        if rc == 0 and not left:
+            print("shmcached stopped on SIGTERM: exit status 0; segment, semaphore and socket removed")
+        else:
+            ok = False
+            print(f"shmcached: exit status {rc}; left behind: {', '.join(left) or 'nothing'}",
+                  file=sys.stderr)
+        if not ok:
+            with open(log_path, "rb") as f:
+                logged = f.read().decode(errors="replace").strip()
+            if logged:
+                print(f"shmcached's log:\n{logged}", file=sys.stderr)
+    finally:  # after an unexpected exception (Ctrl-C) too: stop the daemon, cleanly if it can
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=DEMO_WAIT)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=DEMO_WAIT)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("all checks held" if ok else "A CHECK FAILED", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+# ---- the parser ----------------------------------------------------------------
+
+
+def _name_default() -> str:
+    return os.environ.get("SHMCACHE_NAME") or "default"
+
+
+def _rv(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_rv.__name__ = "resource version"  # argparse's "invalid resource version value: 'x'"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1e9:
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "seconds"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shmcache", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    def common(p: argparse.ArgumentParser, default: Any,
+               name_help: str = 'the cache (default: $SHMCACHE_NAME, else "default")') -> None:
+        # on the main parser with real defaults, on each command with SUPPRESS
+        # so that a value given before the command is not overwritten
+        p.add_argument("--name", metavar="NAME", default=default, help=name_help)
+        p.add_argument("-o", "--output", choices=("human", "json"), default=default,
+                       help="output format (default: human)")
+
+    common(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str, **common_args: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description,
+                           epilog="output formats and exit status: shmcache --help")
+        common(p, argparse.SUPPRESS, **common_args)
+        return p
+
+    def writes(p: argparse.ArgumentParser) -> None:
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--socket", metavar="PATH",
+                         help="the daemon's producer socket (default: the one the cache's "
+                              "header records, else the daemon's default path)")
+        how.add_argument("--direct", action="store_true",
+                         help="write the segment directly (a Writer), without the daemon; "
+                              "needs write access to the segment and its semaphore")
+        p.add_argument("--rv", type=_rv, default=None,
+                       help="an explicit resource version, greater than the current one")
+
+    p = command("put", "set a key", "Set KEY to VALUE: through the daemon, or --direct.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE", help="the value; - reads it from stdin, as bytes")
+    writes(p)
+    p.set_defaults(handler=cmd_put)
+
+    p = command("delete", "remove a key", "Remove KEY (exit status 1 if it is absent).")
+    p.add_argument("key", metavar="KEY")
+    writes(p)
+    p.set_defaults(handler=cmd_delete)
+
+    p = command("get", "show a key", "Show KEY's value and resource version "
+                "(exit status 1 if it is absent).")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--raw", action="store_true", help="write the value's bytes exactly, nothing else")
+    p.set_defaults(handler=cmd_get)
+
+    p = command("list", "show the keys (under a prefix)",
+                "Show every key starting with PREFIX, exactly as it was at one resource version.")
+    p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
+    p.set_defaults(handler=cmd_list)
+
+    p = command("watch", "stream changes", "List the keys under PREFIX as ADDED events, then "
+                "print every change as it happens, until Ctrl-C (like kubectl get -w).  With "
+                "--since RV: only the changes after RV.  If the watch falls behind the ring "
+                "(resource expired), it says so on stderr and lists again.")
+    p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
+    p.add_argument("--since", metavar="RV", type=_rv, default=0,
+                   help="print the changes after resource version RV (default 0: list first)")
+    p.add_argument("--no-relist", action="store_true",
+                   help="exit with status 4 instead of listing again when events were missed")
+    p.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
+                   help="exit (status 0) after SECONDS without any change")
+    p.set_defaults(handler=cmd_watch)
+
+    p = command("status", "show the cache's owner, figures and users",
+                "Show the cache's owner (and whether it lives), heartbeat, resource versions, "
+                "ring and store fill, counters, and the processes that map it.")
+    p.set_defaults(handler=cmd_status)
+
+    p = command("demo", "one writer and a few reader processes, with figures",
+                "One writer and a few reader processes, with figures; with --daemon, shmcached "
+                "owns the cache and producer processes write through its socket.  The cache "
+                "is a new one, demo-PID unless --name says otherwise.",
+                name_help="the cache to create (default: demo-PID)")
+    p.add_argument("--readers", type=int, default=3, help="reader processes (default 3)")
+    p.add_argument("--events", type=int, default=200_000, help="events to publish (default 200000)")
+    p.add_argument("--batch", type=int, default=64, help="events per put_many (default 64)")
+    p.add_argument("--capacity", type=int, default=4096, help="ring slots (default 4096)")
+    p.add_argument("--daemon", action="store_true",
+                   help="start shmcached and write through its socket from producer processes")
+    p.add_argument("--producers", type=int, default=2,
+                   help="producer processes, with --daemon (default 2)")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``shmcache`` command; returns its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = "human"
+    if args.command != "demo" and args.name is None:
+        args.name = _name_default()
+    if args.command == "demo":
+        for label in ("readers", "events", "batch", "capacity", "producers"):
+            if getattr(args, label) < 1:
+                parser.error(f"--{label} must be at least 1")
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    status = _run(args.handler, args)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return status

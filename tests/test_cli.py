@@ -1,0 +1,499 @@
+"""The ``shmcache`` command line, run as a real process (``python -m shmcache``)
+against caches created here by a Writer, or owned by a real shmcached."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from shmcache import CacheClosed, CacheNotFound, EventType, Reader, Writer
+
+from . import helpers
+
+TIMEOUT = 60.0  # the longest any command or expected line may take: a hang, not a slow machine
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+    raw: bytes  # stdout as bytes
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SHMCACHE_NAME", None)
+    env["PYTHONPATH"] = str(helpers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def cli(*args: str | bytes, stdin: bytes = b"", env: dict[str, str] | None = None) -> Result:
+    """Run ``python -m shmcache ARGS``; its output must be valid UTF-8 (human
+    output escapes what is not), except that of ``get --raw``."""
+    proc = subprocess.run([sys.executable, "-m", "shmcache", *args], input=stdin,
+                          capture_output=True, timeout=TIMEOUT, env=env or _env(), check=False)
+    raw_out = "--raw" in args
+    return Result(proc.returncode, "" if raw_out else proc.stdout.decode(),
+                  proc.stderr.decode(), proc.stdout)
+
+
+def ok(*args: str | bytes, stdin: bytes = b"") -> Result:
+    result = cli(*args, stdin=stdin)
+    assert result.rc == 0, f"shmcache {args} exited {result.rc}: {result.err}"
+    assert result.err == "", result.err
+    return result
+
+
+def js(*args: str) -> Any:
+    return json.loads(ok(*args, "-o", "json").out)
+
+
+# ---- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture
+def writer(name: str) -> Iterator[Writer]:
+    with Writer(name, capacity=16, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w:
+        yield w
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: str
+    log: Path
+
+
+@pytest.fixture
+def daemon(name: str, tmp_path: Path) -> Iterator[Daemon]:
+    """A real shmcached owning cache ``name``, ready (socket bound, path
+    advertised, heartbeat written); SIGTERMed and reaped afterwards."""
+    sock = tmp_path / "s.sock"
+    log = tmp_path / "shmcached.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmcached", "--name", name, "--capacity", "64",
+             "--arena-bytes", "65536", "--max-keys", "256", "--store-bytes", "1048576",
+             "--socket", str(sock), "--heartbeat", "0.2"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, env=_env())
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, f"shmcached exited {proc.returncode}:\n{log.read_text()}"
+            if sock.exists():
+                try:
+                    with Reader(name) as reader:
+                        if reader.heartbeat_age is not None:
+                            break
+                except (CacheNotFound, CacheClosed):
+                    pass  # not created yet
+            assert time.monotonic() < deadline, f"shmcached not ready:\n{log.read_text()}"
+            time.sleep(0.02)
+        yield Daemon(proc, str(sock), log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+
+
+class Watch:
+    """``shmcache watch ...`` running in the background; stdout lines on a queue."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmcache", "watch", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_env())
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.err: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [self._pump(self.proc.stdout, True), self._pump(self.proc.stderr, False)]
+
+    def _pump(self, stream: IO[str], lines: bool) -> threading.Thread:
+        def run() -> None:
+            for line in stream:
+                if lines:
+                    self.lines.put(line.rstrip("\n"))
+                else:
+                    self.err.append(line)
+            if lines:
+                self.lines.put(None)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def line(self) -> str:
+        try:
+            got = self.lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"watch printed nothing for {TIMEOUT} s; stderr: {self.err}") from None
+        assert got is not None, f"watch ended (rc {self.proc.wait(TIMEOUT)}); stderr: {self.err}"
+        return got
+
+    def finish(self, sig: int | None = None) -> int:
+        if sig is not None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=TIMEOUT)
+        for thread in self._threads:
+            thread.join(timeout=TIMEOUT)
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.finish()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def watches() -> Iterator[list[Watch]]:
+    started: list[Watch] = []
+    yield started
+    for w in started:
+        w.close()
+
+
+# ---- help and usage ------------------------------------------------------------
+
+
+def test_help_documents_exit_status_and_formats() -> None:
+    out = ok("--help").out
+    for text in ("exit status", "0  ok", "1  key not found", "2  usage", "3  cache not found",
+                 "4  resource expired", '"value_b64"', "put", "delete", "get", "list", "watch",
+                 "status", "demo", "$SHMCACHE_NAME"):
+        assert text in out, text
+    assert "--direct" in ok("put", "--help").out
+    assert "--no-relist" in ok("watch", "--help").out
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["frobnicate"],
+    ["get"],
+    ["get", "k", "--bogus"],
+    ["watch", "--since", "x"],
+    ["watch", "--since", "-1"],
+    ["put", "k", "v", "--direct", "--socket", "/tmp/x.sock"],
+    ["-o", "yaml", "list"],
+    ["--name", "no/slashes", "get", "k"],
+    ["get", ""],
+    ["put", "k" * 1025, "v"],
+    ["get", b"\xff"],
+    ["list", "p" * 1025],
+    ["demo", "--readers", "0"],
+])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = cli(*args)
+    assert result.rc == 2, result
+    assert result.out == ""
+    assert result.err.strip(), "a usage error says what is wrong"
+
+
+def test_missing_cache_exits_3(name: str) -> None:
+    for args in (["get", "k"], ["list"], ["watch"], ["status"], ["put", "k", "v", "--direct"],
+                 ["delete", "k", "--direct"]):
+        result = cli("--name", name, *args)
+        assert result.rc == 3, (args, result)
+        assert name in result.err and result.err.startswith("shmcache: error:"), result.err
+    # no daemon: neither the header's socket nor the default one answers
+    result = cli("put", "k", "v", "--name", name)
+    assert result.rc == 3 and "no daemon" in result.err, result
+    result = cli("put", "k", "v", "--name", name, "--socket", "/nonexistent/dir/s.sock")
+    assert result.rc == 3 and "/nonexistent/dir/s.sock" in result.err, result
+
+
+# ---- get, put, delete, list against a Writer -----------------------------------
+
+
+def test_direct_put_get_delete_human(name: str, writer: Writer) -> None:
+    assert ok("put", "pods/a", "hello world", "--name", name, "--direct").out == "pods/a set at rv 1\n"
+    with Reader(name) as reader:
+        item = reader.get("pods/a")
+        assert item is not None and item.value == b"hello world"
+    lines = ok("get", "pods/a", "--name", name).out.splitlines()
+    assert lines[0].split() == ["KEY", "RV", "VALUE"]
+    assert lines[1].split(None, 2) == ["pods/a", "1", "hello world"]
+    assert ok("--name", name, "put", "pods/a", "v2", "--direct").out == "pods/a set at rv 2\n"
+    assert ok("--name", name, "delete", "pods/a", "--direct").out == "pods/a deleted at rv 3\n"
+    for args in (["get", "pods/a"], ["delete", "pods/a", "--direct"]):
+        result = cli("--name", name, *args)
+        assert result.rc == 1, result
+        assert result.out == "" and "key not found: pods/a" in result.err
+    assert writer.resource_version == 3
+
+
+def test_direct_writes_json_and_explicit_rv(name: str, writer: Writer) -> None:
+    assert js("put", "k", "v", "--name", name, "--direct", "--rv", "10") == {"op": "put", "key": "k", "rv": 10}
+    assert js("get", "k", "--name", name) == {"key": "k", "rv": 10, "value": "v"}
+    result = cli("put", "k", "w", "--name", name, "--direct", "--rv", "5")
+    assert result.rc == 1 and "greater than the current resource version 10" in result.err
+    assert js("delete", "k", "--name", name, "--direct") == {"op": "delete", "key": "k", "rv": 11}
+    assert writer.resource_version == 11
+
+
+def test_name_from_environment_and_before_the_command(name: str, writer: Writer) -> None:
+    writer.put("k", b"v")
+    result = cli("get", "k", "-o", "json", env=_env(SHMCACHE_NAME=name))
+    assert result.rc == 0 and json.loads(result.out)["value"] == "v", result
+    assert json.loads(ok("--name", name, "-o", "json", "get", "k").out)["rv"] == 1
+    # --name after the command wins over the one before it
+    assert cli("--name", "no-such-cache-here", "get", "k", "--name", name).rc == 0
+
+
+def test_list_human_and_json(name: str, writer: Writer) -> None:
+    writer.put_many([("pods/b", b"2"), ("pods/a", b"1"), ("svc/x", b"3"), ("pods/c", b"gone")])
+    writer.delete("pods/c")
+    lines = ok("list", "--name", name).out.splitlines()
+    assert [line.split() for line in lines] == [
+        ["KEY", "RV", "VALUE"], ["pods/a", "2", "1"], ["pods/b", "1", "2"], ["svc/x", "3", "3"]]
+    assert [line.split() for line in ok("list", "pods/", "--name", name).out.splitlines()[1:]] == [
+        ["pods/a", "2", "1"], ["pods/b", "1", "2"]]
+    assert js("list", "pods/", "--name", name) == {
+        "rv": 5, "items": [{"key": "pods/a", "rv": 2, "value": "1"},
+                           {"key": "pods/b", "rv": 1, "value": "2"}]}
+    empty = cli("list", "nothing/", "--name", name)
+    assert empty.rc == 0 and empty.out == "" and "no keys" in empty.err and "rv 5" in empty.err
+    assert js("list", "nothing/", "--name", name) == {"rv": 5, "items": []}
+
+
+def test_values_that_are_not_utf8(name: str, writer: Writer) -> None:
+    binary = b"\xff\x00a\n\x1b[31m"
+    writer.put("bin", binary)
+    writer.put("text", "é ok C:\\dir".encode())
+    writer.put("ctl\tkey", "line1\nline2 \u202e".encode())
+    human = {line.split()[0]: line for line in ok("list", "--name", name).out.splitlines()[1:]}
+    assert human["bin"].endswith(" \\xff\\x00a\\n\\x1b[31m")
+    assert human["text"].endswith(" é ok C:\\dir")  # printable UTF-8 is shown as it is
+    assert human["ctl\\tkey"].endswith(" line1\\nline2 \\u202e")
+    assert "\x1b" not in ok("get", "bin", "--name", name).out
+    got = js("get", "bin", "--name", name)
+    assert "value" not in got and base64.b64decode(got["value_b64"]) == binary
+    assert js("get", "text", "--name", name)["value"] == "é ok C:\\dir"
+    items = {i["key"]: i for i in js("list", "--name", name)["items"]}
+    assert base64.b64decode(items["bin"]["value_b64"]) == binary
+    assert items["ctl\tkey"]["value"] == "line1\nline2 \u202e"
+    assert cli("get", "bin", "--raw", "--name", name).raw == binary
+    # writes: VALUE "-" reads stdin as bytes; an argument's own bytes are kept
+    ok("put", "stdin", "-", "--name", name, "--direct", stdin=binary + b"\xfe")
+    ok("put", "arg", b"\xfe\xfd", "--name", name, "--direct")
+    with Reader(name) as reader:
+        stdin_item, arg_item = reader.get("stdin"), reader.get("arg")
+    assert stdin_item is not None and stdin_item.value == binary + b"\xfe"
+    assert arg_item is not None and arg_item.value == b"\xfe\xfd"
+
+
+# ---- watch ---------------------------------------------------------------------
+
+
+def test_watch_lists_then_streams_until_ctrl_c(name: str, writer: Writer, watches: list[Watch]) -> None:
+    writer.put("pods/a", b"1")
+    writer.put("svc/z", b"not under the prefix")
+    w = Watch("pods/", "--name", name)
+    watches.append(w)
+    assert w.line().split() == ["ADDED", "pods/a", "2", "1"]  # the snapshot's rv
+    writer.put("pods/a", b"2")
+    writer.put("svc/z", b"ignored")
+    writer.put("pods/b", b"\xff")
+    writer.delete("pods/a")
+    assert [w.line().split() for _ in range(3)] == [
+        ["MODIFIED", "pods/a", "3", "2"], ["ADDED", "pods/b", "5", "\\xff"], ["DELETED", "pods/a", "6", "2"]]
+    assert w.finish(signal.SIGINT) == 0
+    assert w.err == [], "Ctrl-C ends a watch quietly"
+
+
+def test_watch_json_since(name: str, writer: Writer, watches: list[Watch]) -> None:
+    writer.put("a", b"old")
+    rv = writer.put("b", b"old")
+    w = Watch("--name", name, "--since", str(rv), "-o", "json")
+    watches.append(w)
+    writer.put("a", b"new")
+    writer.put("c", b"\x00\xff")
+    writer.delete("b")
+    events = [json.loads(w.line()) for _ in range(3)]
+    assert events == [
+        {"type": "MODIFIED", "key": "a", "rv": 3, "value": "new"},
+        {"type": "ADDED", "key": "c", "rv": 4, "value_b64": base64.b64encode(b"\x00\xff").decode()},
+        {"type": "DELETED", "key": "b", "rv": 5, "value": "old"},
+    ]
+    assert w.finish(signal.SIGINT) == 0
+    assert w.err == []
+
+
+def test_watch_too_old_rv_exits_4_with_no_relist(name: str) -> None:
+    with Writer(name, capacity=4, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w:
+        for i in range(10):
+            w.put(f"k{i % 3}", b"v%d" % i)
+        with Reader(name) as reader:
+            assert reader.oldest_resource_version > 2
+        result = cli("watch", "--since", "1", "--no-relist", "--name", name)
+        assert result.rc == 4, result
+        assert result.out == ""
+        assert "too old resource version: 1" in result.err
+
+
+def test_watch_relists_after_expiry(name: str) -> None:
+    with Writer(name, capacity=4, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w:
+        for i in range(10):
+            w.put(f"k{i % 3}", b"v%d" % i)
+        result = cli("watch", "--since", "1", "--timeout", "0.2", "-o", "json", "--name", name)
+        assert result.rc == 0, result
+        assert "too old resource version: 1" in result.err and "listing again" in result.err
+        events = [json.loads(line) for line in result.out.splitlines()]
+        assert events == [{"type": "ADDED", "key": k, "rv": 10, "value": v}
+                          for k, v in (("k0", "v9"), ("k1", "v7"), ("k2", "v8"))]
+
+
+def test_watch_exits_3_when_the_cache_closes(name: str, watches: list[Watch]) -> None:
+    with Writer(name, capacity=16, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w:
+        w.put("k", b"v")
+        watch = Watch("--name", name, "-o", "json")
+        watches.append(watch)
+        assert json.loads(watch.line())["type"] == EventType.ADDED.name
+    assert watch.finish() == 3
+    assert "closed" in "".join(watch.err)
+
+
+@pytest.mark.parametrize("command", ["list", "watch"])
+def test_a_reader_of_the_output_that_goes_away_is_no_error(name: str, writer: Writer,
+                                                            command: str) -> None:
+    writer.put("k", b"v")
+    proc = subprocess.Popen([sys.executable, "-m", "shmcache", command, "--name", name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the command writes a byte: its first write fails
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, err) == (0, b"")
+
+
+# ---- status --------------------------------------------------------------------
+
+
+def test_status_of_a_writer_owned_cache(name: str, writer: Writer) -> None:
+    writer.put_many([("a", b"12345"), ("b", b"x"), ("a", None)])
+    with Reader(name):
+        s = js("status", "--name", name)
+    assert s["name"] == name and s["path"] == f"/dev/shm/shmcache.{name}"
+    assert s["epoch"] == f"{int(writer._h.epoch):016x}"
+    assert s["owner"] == {"pid": os.getpid(), "name": s["owner"]["name"], "liveness": "alive", "alive": True}
+    assert s["heartbeat_age"] is None and s["socket"] is None
+    assert (s["rv"], s["oldest_rv"]) == (3, 1)
+    assert s["ring"] == {"events": 3, "capacity": 16, "bytes": 1 + 5 + 1 + 1 + 1 + 5, "arena_bytes": 4096}
+    assert s["store"]["keys"] == 1 and s["store"]["max_keys"] == 64
+    assert 0 < s["store"]["bytes"] <= s["store"]["store_bytes"]
+    assert (s["events_written"], s["events_evicted"]) == (3, 0)
+    me = [p for p in s["processes"] if p["pid"] == os.getpid()]
+    assert len(me) == 1 and me[0]["mode"] == "rw" and me[0]["mappings"] == 2  # Writer + Reader
+    human = ok("status", "--name", name).out
+    assert f"pid {os.getpid()}" in human and "alive" in human and "3 of 16 events" in human
+    assert "never (no daemon" in human
+
+
+def test_status_shows_a_dead_owner(name: str) -> None:
+    child = helpers.python(
+        """
+        import sys, time, shmcache
+        w = shmcache.Writer(sys.argv[1], capacity=8, arena_bytes=4096, max_keys=8, store_bytes=1 << 16)
+        w.put("k", b"v")
+        print("ready", flush=True)
+        time.sleep(600)
+        """, name, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.kill()
+        child.wait(timeout=TIMEOUT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=TIMEOUT)
+        if child.stdout is not None:
+            child.stdout.close()
+    s = js("status", "--name", name)
+    assert s["owner"]["pid"] == child.pid
+    assert s["owner"]["liveness"] == "dead" and s["owner"]["alive"] is False
+    assert s["rv"] == 1 and all(p["pid"] != child.pid for p in s["processes"])
+    assert "dead" in ok("status", "--name", name).out
+
+
+# ---- against a real daemon -----------------------------------------------------
+
+
+def test_writes_through_the_daemon(name: str, daemon: Daemon) -> None:
+    assert ok("put", "a", "1", "--name", name).out == "a set at rv 1\n"  # socket from the header
+    assert js("put", "b", "-", "--name", name, "--socket", daemon.socket) == {"op": "put", "key": "b", "rv": 2}
+    ok("put", "c", "-", "--name", name, stdin=b"\xff\xfe")
+    assert ok("delete", "a", "--name", name).out == "a deleted at rv 4\n"
+    assert js("list", "--name", name) == {"rv": 4, "items": [
+        {"key": "b", "rv": 2, "value": ""}, {"key": "c", "rv": 3, "value_b64": "//4="}]}
+    result = cli("delete", "a", "--name", name)
+    assert result.rc == 1 and "key not found: a" in result.err
+    result = cli("put", "big", "-", "--name", name, stdin=b"x" * 70_000)  # the arena is 65536 bytes
+    assert result.rc == 1 and "arena" in result.err, result
+    result = cli("put", "a", "1", "--rv", "2", "--name", name)
+    assert result.rc == 1 and "greater than" in result.err
+
+
+def test_status_with_a_daemon(name: str, daemon: Daemon) -> None:
+    ok("put", "a", "1", "--name", name)
+    with Reader(name):
+        s = js("status", "--name", name)
+        human = ok("status", "--name", name).out
+    assert s["owner"]["pid"] == daemon.proc.pid and s["owner"]["alive"] is True
+    assert s["heartbeat_age"] is not None and s["heartbeat_age"] >= 0
+    assert s["socket"] == daemon.socket
+    assert s["ring"]["capacity"] == 64 and s["store"]["max_keys"] == 256 and s["rv"] == 1
+    modes = {p["pid"]: p["mode"] for p in s["processes"]}
+    assert modes.get(daemon.proc.pid) == "rw", s["processes"]
+    assert modes.get(os.getpid()) == "ro", s["processes"]
+    assert f"pid {daemon.proc.pid}" in human and "s ago" in human and daemon.socket in human
+
+
+def test_watch_sees_the_daemons_writes_and_its_shutdown(name: str, daemon: Daemon,
+                                                         watches: list[Watch]) -> None:
+    w = Watch("--name", name, "--since", "0", "-o", "json")
+    watches.append(w)
+    ok("put", "a", "1", "--name", name)
+    assert json.loads(w.line()) == {"type": "ADDED", "key": "a", "rv": 1, "value": "1"}
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=TIMEOUT) == 0
+    assert w.finish() == 3  # the cache was closed by its owner
+    assert "closed" in "".join(w.err)
+
+
+# ---- demo ----------------------------------------------------------------------
+
+
+def test_demo_still_runs(name: str) -> None:
+    out = ok("demo", "--name", name, "--events", "3000", "--readers", "1", "--capacity", "64").out
+    assert "reader 0: " in out and "0 bad; final list() at rv 3002: 1002 keys" in out
+    assert out.endswith("all checks held\n")
+
+
+def test_demo_with_a_daemon(name: str) -> None:
+    out = ok("demo", "--daemon", "--name", name, "--events", "3000", "--readers", "2",
+             "--producers", "2", "--batch", "16", "--capacity", "64").out
+    assert f"owns cache {name!r}" in out
+    assert "producer 0: 1,500 events" in out and "producer 1: 1,500 events" in out
+    assert out.count("0 bad; final list()") == 2
+    assert "exit status 0; segment, semaphore and socket removed" in out
+    assert out.endswith("all checks held\n")
