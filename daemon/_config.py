@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shmcache._layout import check_name
+from shmcache._layout import Geometry, check_name
 from shmcache._producer import default_socket_path
+from shmcache.exceptions import InvalidSize
 
 __all__ = ["Config", "ConfigError", "parse"]
 
@@ -204,6 +205,11 @@ def parse(argv: list[str] | None = None) -> Config:
         values["allow_uid"] = tuple(sorted({os.getuid(), 0}))
     if values["allow_gid"] is None:
         values["allow_gid"] = (os.getgid(),)
+    try:  # the sizes together, as the cache will check them
+        Geometry.plan(values["capacity"], values["arena_bytes"], values["max_keys"], values["store_bytes"])
+    except InvalidSize as err:
+        option = str(err).split("=", 1)[0].replace("_", "-")
+        raise ConfigError(f"--{option}: {err}") from None
     if len(values["socket"].encode()) > 107:
         raise ConfigError(f"--socket: {values['socket']!r} is longer than a Unix socket path may be")
     return Config(**values)

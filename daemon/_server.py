@@ -16,6 +16,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,23 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the process exit status."""
+        # Handlers first: a signal during startup must still end in a clean
+        # shutdown, not in a killed process that leaves the segment behind.
+        wake_r, self._wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._serve(wake_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            wake_r.close()
+            self._wake_w.close()
+
+    def _serve(self, wake_r: socket.socket) -> int:
         c = self.config
         try:
             self.writer = Writer(c.name, capacity=c.capacity, arena_bytes=c.arena_bytes,
@@ -84,24 +102,16 @@ class Daemon:
             return 1
         self.writer.advertise_socket(c.socket)
         self.writer.heartbeat()
-        wake_r, self._wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
         self.selector.register(self.listener, selectors.EVENT_READ, "listener")
         self.selector.register(wake_r, selectors.EVENT_READ, "wakeup")
-        log.info("cache %r (epoch %016x) ready: %d events, %d keys; producers on %s",
-                 c.name, self.writer._h.epoch, c.capacity, c.max_keys, c.socket)
-        self.notifier.send(READY=1, MAINPID=os.getpid(), STATUS=self._status())
+        if not self.stop_signal:
+            log.info("cache %r (epoch %016x) ready: %d events, %d keys; producers on %s",
+                     c.name, self.writer._h.epoch, c.capacity, c.max_keys, c.socket)
+            self.notifier.send(READY=1, MAINPID=os.getpid(), STATUS=self._status())
         try:
             self._loop()
         finally:
             self._shutdown()
-            wake_r.close()
-            self._wake_w.close()
-            signal.set_wakeup_fd(-1)
         return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -109,7 +119,9 @@ class Daemon:
 
     def _listen(self) -> socket.socket:
         path = self.config.socket
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
@@ -126,9 +138,9 @@ class Daemon:
             if self.config.group is not None:
                 os.chown(path, -1, self.config.group)
             sock.listen(128)
-        except OSError:
+        except OSError as err:
             sock.close()
-            raise
+            raise OSError(err.errno, f"{path}: {err.strerror}") from err
         sock.setblocking(False)
         return sock
 
@@ -268,7 +280,11 @@ class Daemon:
             payload = bytes(buf[proto.FRAME_HEADER.size:end])
             del buf[:end]
             self._reply(client, self._handle(client, payload))
-        client.partial_since = (client.partial_since or time.monotonic()) if buf else None
+            client.partial_since = None  # a completed frame is progress
+        if not buf:
+            client.partial_since = None
+        elif client.partial_since is None:
+            client.partial_since = time.monotonic()
         if client.closing:
             buf.clear()
         self._flush(client)
@@ -323,12 +339,16 @@ class Daemon:
         if len(client.outbuf) < PAUSE_READING_AT and not client.closing:
             want |= selectors.EVENT_READ
         if want and want != client.events:  # each change is a system call
+            if want & ~client.events & selectors.EVENT_READ and client.inbuf:
+                client.partial_since = time.monotonic()  # the stall clock restarts with reading
             self.selector.modify(client.sock, want, "client")
             client.events = want
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.config.client_timeout
         for client in list(self.clients.values()):
+            if not client.events & selectors.EVENT_READ:
+                continue  # we stopped reading it: not its stall
             if client.partial_since is not None and now - client.partial_since > limit:
                 self.rejected += 1
                 self._drop(client, f"stalled mid-frame for more than {limit:g} s")

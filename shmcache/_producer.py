@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,15 +72,26 @@ class Producer:
         else:
             self.path, guessed = socket_path_of(check_name(name_or_path))
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(self.path)
-        except OSError as err:
-            self._sock.close()
-            self._sock = None
-            hint = f" (the default path: {guessed}; pass the socket's path instead)" if guessed else ""
-            raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}{hint}") from err
+        self._sock: socket.socket | None = None
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.path)
+                break
+            except BlockingIOError as err:  # the listen backlog is full: wait for room
+                sock.close()
+                if time.monotonic() + pause > deadline:
+                    raise DaemonUnavailable(f"daemon at {self.path} is not accepting: {err.strerror}") from err
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+            except OSError as err:
+                sock.close()
+                hint = f" (the default path: {guessed}; pass the socket's path instead)" if guessed else ""
+                raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}{hint}") from err
+        self._sock = sock
 
     # ---- requests ------------------------------------------------------
 
@@ -132,7 +144,10 @@ class Producer:
             if sock is None:
                 raise DaemonUnavailable("this producer is closed")
             try:
-                sock.sendall(request)
+                try:
+                    sock.sendall(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the daemon may have refused and closed: its reply says why
                 size = proto.FRAME_HEADER.unpack(self._read(sock, proto.FRAME_HEADER.size))[0]
                 if size < proto.REPLY.size or size > 1 << 24:
                     raise ProtocolError(f"reply of {size} bytes does not parse")

@@ -247,6 +247,9 @@ class Writer:
         blob = b"".join(parts)
         with self._locked():
             first = self._next_rv(None)
+            if first + len(batch) - 1 > MAX_RV:
+                raise InvalidResourceVersion(
+                    f"a batch of {len(batch)} events would pass the last resource version {MAX_RV}")
             self._simulate(batch, keys)
             result = lib.sc_put_many(self._layout, blob, len(blob),
                                      ffi.from_buffer("struct sc_batch_op[]", ops), len(batch), first)
@@ -411,6 +414,8 @@ class Writer:
         if code == lib.SC_NOTFOUND:
             raise KeyError(key)
         if code == lib.SC_BAD_RV:
+            if rv is None:
+                raise InvalidResourceVersion(f"resource versions are exhausted (the last is {MAX_RV})")
             raise InvalidResourceVersion(
                 f"rv {rv} must be greater than the current resource version {self.resource_version}"
             )
