@@ -468,7 +468,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.daemon:
+    if not args.direct:
         return run_daemon_demo(readers=args.readers, producers=args.producers, events=args.events,
                                batch=args.batch, capacity=args.capacity, name=args.name)
     from ._demo import run
@@ -553,7 +553,7 @@ def _stop(procs: list[Any]) -> None:
 
 def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_000,
                     batch: int = 64, capacity: int = 4096, name: str | None = None) -> int:
-    """``shmcache demo --daemon``: shmcached owns the cache, producer
+    """``shmcache demo``: shmcached owns the cache, producer
     processes write through its socket, reader processes watch and verify
     every event; then SIGTERM and a check that nothing is left behind.
     Returns the exit status (0: every check held)."""
@@ -759,19 +759,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "ring and store fill, counters, and the processes that map it.")
     p.set_defaults(handler=cmd_status)
 
-    p = command("demo", "one writer and a few reader processes, with figures",
-                "One writer and a few reader processes, with figures; with --daemon, shmcached "
-                "owns the cache and producer processes write through its socket.  The cache "
-                "is a new one, demo-PID unless --name says otherwise.",
+    p = command("demo", "the tour: a daemon, producers and readers, with figures",
+                "The tour: shmcached owns a new cache, producer processes write through its "
+                "socket, reader processes watch and verify every event, and the daemon is "
+                "stopped with SIGTERM; with --direct, one Writer and the readers, no daemon.  "
+                "The cache is a new one, demo-PID unless --name says otherwise.",
                 name_help="the cache to create (default: demo-PID)")
     p.add_argument("--readers", type=int, default=3, help="reader processes (default 3)")
     p.add_argument("--events", type=int, default=200_000, help="events to publish (default 200000)")
     p.add_argument("--batch", type=int, default=64, help="events per put_many (default 64)")
     p.add_argument("--capacity", type=int, default=4096, help="ring slots (default 4096)")
-    p.add_argument("--daemon", action="store_true",
-                   help="start shmcached and write through its socket from producer processes")
+    p.add_argument("--direct", action="store_true",
+                   help="no daemon: one Writer in this process publishes the events")
     p.add_argument("--producers", type=int, default=2,
-                   help="producer processes, with --daemon (default 2)")
+                   help="producer processes writing through the daemon (default 2)")
     p.set_defaults(handler=cmd_demo)
     return parser
 

@@ -483,14 +483,14 @@ def test_watch_sees_the_daemons_writes_and_its_shutdown(name: str, daemon: Daemo
 # ---- demo ----------------------------------------------------------------------
 
 
-def test_demo_still_runs(name: str) -> None:
-    out = ok("demo", "--name", name, "--events", "3000", "--readers", "1", "--capacity", "64").out
+def test_demo_direct(name: str) -> None:
+    out = ok("demo", "--direct", "--name", name, "--events", "3000", "--readers", "1", "--capacity", "64").out
     assert "reader 0: " in out and "0 bad; final list() at rv 3002: 1002 keys" in out
     assert out.endswith("all checks held\n")
 
 
 def test_demo_with_a_daemon(name: str) -> None:
-    out = ok("demo", "--daemon", "--name", name, "--events", "3000", "--readers", "2",
+    out = ok("demo", "--name", name, "--events", "3000", "--readers", "2",
              "--producers", "2", "--batch", "16", "--capacity", "64").out
     assert f"owns cache {name!r}" in out
     assert "producer 0: 1,500 events" in out and "producer 1: 1,500 events" in out
