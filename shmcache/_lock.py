@@ -12,8 +12,9 @@ compare-and-swap from 0) is the truth about who holds the lock.  docs/design.md
   recoverer took the token back (we were suspended for a whole timeout before
   recording): void too.
 * release: bump ``lock_seq``, clear the token, ``sem_post``.
-* a waiter that times out judges the holder.  Recorded and alive (or in
-  another PID namespace, where a pid means nothing here) → LockTimeout.
+* a waiter that times out judges the holder.  Recorded and alive (or in a
+  PID namespace we cannot see into, where its pid means nothing) →
+  LockTimeout.
   Recorded and dead → exactly one waiter wins the CAS of the token back to 0
   and posts the semaphore on the dead holder's behalf.  Not recorded (no
   token, or the UNRECORDED bit: the holder sits between ``sem_wait`` and its
