@@ -18,7 +18,7 @@ import pytest
 
 from shmcache import CacheClosed, Item, Reader
 
-from .._daemon_helpers import WATCHER, Daemon, LineChild, child, running, wait_for
+from .._daemon_helpers import Daemon, LineChild, child, running, wait_for
 from ..helpers import remove_cache, scaled, unique_name
 from ..test_daemon import _copy_segment, as_dict, seg_path, sock_in
 from .conftest import Report
@@ -56,6 +56,34 @@ PRODUCER = """
 
 SIZES = ("--capacity", "4096", "--arena-bytes", str(1 << 20), "--max-keys", "32768",
          "--store-bytes", str(8 << 20))
+
+#: A watcher that, like a Kubernetes client, relists (resumes from the newest
+#: RV) whenever it falls behind the ring under the producers' load, so that
+#: it is still watching when the daemon dies; prints {"ready": epoch} first
+#: and {"end": "CacheClosed" | "timeout"} last.
+WATCHER = """
+    import json, sys
+    from shmcache import CacheClosed, Reader, ResourceExpired
+    name, since, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    reader = Reader(name)
+    print(json.dumps({"ready": reader.epoch}), flush=True)
+    end = "timeout"
+    while True:
+        try:
+            for ev in reader.watch(since, timeout=timeout):
+                since = ev.rv
+            break
+        except CacheClosed:
+            end = "CacheClosed"
+            break
+        except ResourceExpired:
+            try:
+                since = reader.resource_version
+            except CacheClosed:
+                end = "CacheClosed"
+                break
+    print(json.dumps({"end": end}), flush=True)
+"""
 
 
 @dataclass
