@@ -14,13 +14,12 @@ from typing import Any
 from . import _protocol as proto
 from ._layout import check_name
 from ._reader import Reader
-from ._writer import ValueLike, _as_bytes, encode_key
+from ._writer import ValueLike, _as_bytes, check_rv, encode_key
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
     CacheNotFound,
     DaemonUnavailable,
-    InvalidResourceVersion,
     ProtocolError,
 )
 
@@ -98,12 +97,12 @@ class Producer:
     def put(self, key: str, value: ValueLike, *, rv: int | None = None) -> int:
         """Set ``key``; the event's resource version."""
         raw = encode_key(key)
-        return self._call(proto.encode_keyed(proto.Op.PUT, raw, _as_bytes(value), self._rv(rv)))[0]
+        return self._call(proto.encode_keyed(proto.Op.PUT, raw, _as_bytes(value), check_rv(rv)))[0]
 
     def delete(self, key: str, *, rv: int | None = None) -> int:
         """Remove ``key`` (KeyError if absent); the event's resource version."""
         raw = encode_key(key)
-        return self._call(proto.encode_keyed(proto.Op.DELETE, raw, b"", self._rv(rv)))[0]
+        return self._call(proto.encode_keyed(proto.Op.DELETE, raw, b"", check_rv(rv)))[0]
 
     def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
         """Apply the pairs under one lock hold (None deletes), validated as a
@@ -127,16 +126,6 @@ class Producer:
         return result
 
     # ---- plumbing ------------------------------------------------------
-
-    @staticmethod
-    def _rv(rv: int | None) -> int:
-        if rv is None:
-            return 0
-        if isinstance(rv, bool) or not isinstance(rv, int):
-            raise TypeError(f"rv must be int, not {type(rv).__name__}")
-        if not 0 < rv < 1 << 63:
-            raise InvalidResourceVersion(f"rv {rv} must be in [1, {(1 << 63) - 1}]")
-        return rv
 
     def _call(self, request: bytes) -> tuple[int, bytes]:
         with self._lock:

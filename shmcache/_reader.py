@@ -487,7 +487,6 @@ class Interval:
         self.prefix = prefix.decode()
         self.raw_prefix = prefix
         self.buffer_size = buffer_size
-        self._prefix = prefix
         self._index = index
         self._last_rv = rv
         self._events: list[Event] = events if events is not None else []
@@ -498,7 +497,7 @@ class Interval:
         """The interval after this one, up to the newest event present now
         (it reuses this interval's buffer)."""
         start, end, _ = self._reader._window()
-        nxt = Interval(self._reader, self._last_rv, self.end_index, end, self._prefix,
+        nxt = Interval(self._reader, self._last_rv, self.end_index, end, self.raw_prefix,
                        self.buffer_size, None)
         nxt._copy = self._copy
         if start > self.end_index:
@@ -514,7 +513,7 @@ class Interval:
             return False
         if self._copy is None:
             self._copy = _CopyBuffer(self.buffer_size, self._reader.geometry.arena_bytes)
-        filled = self._copy.fill(self._reader, self._index, self.end_index, self._prefix)
+        filled = self._copy.fill(self._reader, self._index, self.end_index, self.raw_prefix)
         if filled is None:
             self._expired()
         assert filled is not None

@@ -48,7 +48,7 @@ from .exceptions import (
     ValueTooLarge,
 )
 
-__all__ = ["Writer", "encode_key"]
+__all__ = ["Writer", "check_rv", "encode_key"]
 
 DEFAULT_CAPACITY = 4096
 DEFAULT_ARENA_BYTES = 16 << 20
@@ -72,6 +72,18 @@ def encode_key(key: object) -> bytes:
     if len(raw) > MAX_KEY_BYTES:
         raise InvalidKey(f"key is {len(raw)} UTF-8 bytes; at most {MAX_KEY_BYTES} are allowed")
     return raw
+
+
+def check_rv(rv: object) -> int:
+    """0 for None ("the next one"), else a syntactically valid explicit rv;
+    whether it is greater than the current one is checked under the lock."""
+    if rv is None:
+        return 0
+    if isinstance(rv, bool) or not isinstance(rv, int):
+        raise TypeError(f"rv must be int, not {type(rv).__name__}")
+    if not 0 < rv <= MAX_RV:
+        raise InvalidResourceVersion(f"rv {rv} must be in [1, {MAX_RV}]")
+    return rv
 
 
 def _as_bytes(value: object) -> bytes:
@@ -191,7 +203,7 @@ class Writer:
         MODIFIED otherwise.  Returns the event's resource version."""
         raw = encode_key(key)
         data = self._check_value(raw, _as_bytes(value))
-        want = self._check_rv(rv)
+        want = check_rv(rv)
         g = self.geometry
         with self._thread_lock:
             self._begin()
@@ -207,7 +219,7 @@ class Writer:
         """Remove ``key`` (KeyError if absent): a DELETED event carrying the
         last value.  Returns the event's resource version."""
         raw = encode_key(key)
-        want = self._check_rv(rv)
+        want = check_rv(rv)
         with self._thread_lock:
             self._begin()
             result = 0
@@ -396,16 +408,6 @@ class Writer:
             finally:
                 self._end(published=True)
 
-    def _check_rv(self, rv: int | None) -> int:
-        """0 for "next", else a syntactically valid explicit rv."""
-        if rv is None:
-            return 0
-        if isinstance(rv, bool) or not isinstance(rv, int):
-            raise TypeError(f"rv must be int, not {type(rv).__name__}")
-        if not 0 < rv <= MAX_RV:
-            raise InvalidResourceVersion(f"rv {rv} must be in [1, {MAX_RV}]")
-        return rv
-
     def _result(self, result: int, key: str, rv: int | None) -> int:
         if result > 0:
             return result
@@ -426,19 +428,17 @@ class Writer:
         raise CacheCorrupted(f"cache {self.name!r}: the store rejected a validated change (code {code})")
 
     def _next_rv(self, rv: int | None) -> int:
+        """The rv of the next event (the lock is held)."""
         current = int(self._h.rv)
-        if rv is None:
+        wanted = check_rv(rv)
+        if not wanted:
             if current >= MAX_RV:
-                raise InvalidResourceVersion("resource versions are exhausted")
+                raise InvalidResourceVersion(f"resource versions are exhausted (the last is {MAX_RV})")
             return current + 1
-        if isinstance(rv, bool) or not isinstance(rv, int):
-            raise TypeError(f"rv must be int, not {type(rv).__name__}")
-        if not current < rv <= MAX_RV:
+        if wanted <= current:
             raise InvalidResourceVersion(
-                f"rv {rv} must be greater than the current resource version {current}"
-                + (f" and at most {MAX_RV}" if rv > MAX_RV else "")
-            )
-        return rv
+                f"rv {rv} must be greater than the current resource version {current}")
+        return wanted
 
     def _simulate(self, batch: list[tuple[bytes, bytes | None]], keys: list[str]) -> None:
         """Check that every step of the batch fits the store, in order, before
