@@ -336,6 +336,42 @@ static void ring_append(struct sc_layout *L, uint32_t type, const uint8_t *key, 
     h->events_written++;
 }
 
+/* The put half of sc_apply, for a key already probed: e is its entry or -1,
+ * free_at the first free entry on its probe path.  Cleaning the heap first
+ * moves records, never entries, so the probe stays valid. */
+static int put_probed(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                      const uint8_t *value, uint32_t value_len, uint64_t rv, int flags,
+                      uint64_t hash, int64_t e, int64_t free_at)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t size = sc_record_size(key_len, value_len);
+    if (size > L->max_record || make_room(L, size) != SC_OK)
+        return -SC_CORRUPT;
+    if (e < 0 && free_at < 0)
+        return -SC_CORRUPT; /* a table with no free entry: max_keys was not enforced */
+    uint32_t type = e >= 0 ? SC_MODIFIED : SC_ADDED;
+    if (flags & SC_APPLY_RING)
+        ring_append(L, type, key, key_len, value, value_len, rv);
+    uint64_t pos = heap_append(L, key, key_len, value, value_len, rv, hash);
+    struct sc_index_entry *t = active_table(L);
+    if (e >= 0) {
+        struct sc_record old;
+        read_record(L, t[e].ptr - 1, &old);
+        STORE_REL(t[e].ptr, pos + 1);
+        h->live_bytes += size - sc_record_size(old.key_len, old.value_len);
+    } else {
+        if (t[free_at].ptr == TOMBSTONE)
+            h->tombstones--;
+        t[free_at].hash = hash; /* before ptr: readers load ptr, then hash */
+        STORE_REL(t[free_at].ptr, pos + 1);
+        h->live_keys++;
+        h->live_bytes += size;
+    }
+    if (flags & SC_APPLY_STORE_RV)
+        STORE_REL(h->store_rv, rv);
+    return (int)type;
+}
+
 /* Apply one put (type SC_ADDED or SC_MODIFIED: chosen here) or delete to the
  * store, publishing it to the ring first with SC_APPLY_RING and advancing
  * store_rv after with SC_APPLY_STORE_RV.  The caller validated
@@ -372,30 +408,8 @@ int sc_apply(struct sc_layout *L, uint32_t type, const uint8_t *key, uint32_t ke
         if (h->tombstones > L->index_slots / 4)
             rebuild_index(L);
     } else {
-        uint64_t size = sc_record_size(key_len, value_len);
-        if (size > L->max_record || make_room(L, size) != SC_OK)
-            return -SC_CORRUPT;
         e = probe(L, key, key_len, hash, &free_at);
-        if (e < 0 && free_at < 0)
-            return -SC_CORRUPT; /* a table with no free entry: max_keys was not enforced */
-        type = e >= 0 ? SC_MODIFIED : SC_ADDED;
-        if (flags & SC_APPLY_RING)
-            ring_append(L, type, key, key_len, value, value_len, rv);
-        uint64_t pos = heap_append(L, key, key_len, value, value_len, rv, hash);
-        struct sc_index_entry *t = active_table(L);
-        if (e >= 0) {
-            struct sc_record old;
-            read_record(L, t[e].ptr - 1, &old);
-            STORE_REL(t[e].ptr, pos + 1);
-            h->live_bytes += size - sc_record_size(old.key_len, old.value_len);
-        } else {
-            if (t[free_at].ptr == TOMBSTONE)
-                h->tombstones--;
-            t[free_at].hash = hash; /* before ptr: readers load ptr, then hash */
-            STORE_REL(t[free_at].ptr, pos + 1);
-            h->live_keys++;
-            h->live_bytes += size;
-        }
+        return put_probed(L, key, key_len, value, value_len, rv, flags, hash, e, free_at);
     }
     if (flags & SC_APPLY_STORE_RV)
         STORE_REL(h->store_rv, rv);
@@ -421,14 +435,19 @@ int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
     int64_t new_rv = next_rv(h, rv);
     if (new_rv < 0)
         return new_rv;
-    int64_t old = sc_store_lookup(L, key, key_len);
-    uint64_t size = sc_record_size(key_len, value_len);
-    if (old < 0 && h->live_keys >= max_keys)
+    uint64_t hash = sc_hash(L->hash_seed, key, key_len), old = 0;
+    int64_t free_at, e = probe(L, key, key_len, hash, &free_at);
+    if (e >= 0) {
+        struct sc_record r;
+        read_record(L, active_table(L)[e].ptr - 1, &r);
+        old = sc_record_size(r.key_len, r.value_len);
+    } else if (h->live_keys >= max_keys) {
         return -SC_FULL_KEYS;
-    if (h->live_bytes - (old < 0 ? 0 : (uint64_t)old) + size > store_bytes)
+    }
+    if (h->live_bytes - old + sc_record_size(key_len, value_len) > store_bytes)
         return -SC_FULL_BYTES;
-    int rc = sc_apply(L, SC_ADDED, key, key_len, value, value_len, (uint64_t)new_rv,
-                      SC_APPLY_RING | SC_APPLY_STORE_RV);
+    int rc = put_probed(L, key, key_len, value, value_len, (uint64_t)new_rv,
+                        SC_APPLY_RING | SC_APPLY_STORE_RV, hash, e, free_at);
     return rc < 0 ? rc : new_rv;
 }
 
