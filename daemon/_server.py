@@ -91,6 +91,9 @@ class Daemon:
         except CacheExists as err:
             log.error("%s", err)
             return 1
+        except (OSError, ShmCacheError) as err:  # no room in /dev/shm, no permission, ...
+            log.error("cannot create cache %r: %s", c.name, err)
+            return 1
         try:
             if c.group is not None:
                 for posix_name in (shm_name(c.name), "/sem." + sem_name(c.name)[1:]):

@@ -9,6 +9,7 @@ mapping into shmcache errors.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -236,6 +237,21 @@ def _open_fd(name: str, flags: int, mode: int, size: int, read_only: bool) -> in
     return fd
 
 
+def _allocate(fd: int, name: str, size: int) -> None:
+    """Back every page of the new segment now.  A tmpfs file is sparse: were
+    its pages left to be allocated on first touch, a full /dev/shm (or a
+    memory cgroup at its limit) would strike the writer with SIGBUS in the
+    middle of a publish, lock held, instead of failing here, before anything
+    is visible."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise
+        raise OSError(err.errno, f"cache {name!r}: no room in /dev/shm for its {size} bytes "
+                                 f"({err.strerror}); free space or choose a smaller geometry") from err
+
+
 def open_segment(name: str, *, writable: bool) -> Mapping:
     """Map the existing cache ``name``.
 
@@ -270,6 +286,7 @@ def create_segment(name: str, geometry: Geometry, mode: int) -> Mapping:
     try:
         os.fchmod(fd, mode)  # the requested mode exactly, whatever the umask
         os.ftruncate(fd, geometry.total_bytes)
+        _allocate(fd, name, geometry.total_bytes)
         return Mapping(fd, geometry, writable=True)
     except BaseException:
         try:

@@ -4,7 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from ._report import pytest_terminal_summary, report
 from .helpers import leftovers, remove_cache, unique_name
+
+__all__ = ["name", "pytest_terminal_summary", "report"]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from shmcache import LockTimeout, Reader, Writer
 
 from .._daemon_helpers import LineChild
 from ..helpers import scaled
-from .conftest import Report
+from .._report import Report
 
 #: ``HOLDER name``: opens the cache, takes the writers' lock as a put would
 #: (like tests/_children.py ``hold_lock``), prints {"held": pid in its

@@ -18,7 +18,7 @@ from shmcache import Reader, Writer
 
 from .._daemon_helpers import LineChild, child, wait_for
 from ..helpers import scaled
-from .conftest import Report
+from .._report import Report
 
 CAPACITY = scaled(16384, 65536)
 KEYS = 500

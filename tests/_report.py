@@ -1,7 +1,9 @@
 """The stress/fault suite's report: every test calls the ``report`` fixture
 with what it checked and its figures; each call prints one line and is
 appended to ONE JSON file per pytest session, whatever the number of xdist
-workers, and the terminal summary names that file.
+workers, and the terminal summary names that file.  tests/conftest.py
+imports the fixture and the hook, so any run that collects tests/ (a plain
+``pytest -n auto`` included) prints the report's path.
 
 The file is ``$SHMCACHE_STRESS_REPORT`` if set, else
 ``<tmpdir>/shmcache-stress-<session start>-<controller pid>.json``.  The
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 import psutil
 import pytest
 
-from ..helpers import STRESS
+from .helpers import STRESS
 
 
 class Report(Protocol):
