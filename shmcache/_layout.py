@@ -183,7 +183,12 @@ class Mapping:
         try:
             self._mm = mmap.mmap(fd, geometry.total_bytes, flags=mmap.MAP_SHARED, prot=prot)
         except OSError as err:
-            raise CacheCorrupted(f"cannot map the segment: {err}") from err
+            if err.errno == errno.EINVAL:  # a length the segment cannot have
+                raise CacheCorrupted(f"cannot map the segment: {err}") from err
+            # out of address space or of mappings (vm.max_map_count): this
+            # process's limits, not the cache's fault
+            raise OSError(err.errno, f"cannot map the segment's {geometry.total_bytes} bytes: "
+                                     f"{err.strerror}") from err
         self.geometry = geometry
         self.writable = writable
         # ffi.cast of a from_buffer result does not keep the export alive:

@@ -86,6 +86,10 @@ class Producer:
                     raise DaemonUnavailable(f"daemon at {self.path} is not accepting: {err.strerror}") from err
                 time.sleep(pause)
                 pause = min(2 * pause, 0.05)
+            except PermissionError as err:
+                sock.close()
+                raise DaemonUnavailable(f"may not connect to the daemon at {self.path}: permission denied "
+                                        f"(the socket's mode and group decide who may produce)") from err
             except OSError as err:
                 sock.close()
                 hint = f" (the default path: {guessed}; pass the socket's path instead)" if guessed else ""
