@@ -236,8 +236,34 @@ static void heap_move(struct sc_layout *L, uint64_t from, uint64_t to, uint64_t 
     }
 }
 
-/* Log cleaning: make the heap's free space at least need + max_record, by
- * dropping dead records at the tail and moving live ones to the head.  With
+/* One step of log cleaning: the record at the tail is dropped if no entry
+ * of the active table points at it, otherwise moved to the head and its
+ * entry repointed; then the tail moves past it.  A move needs free space for
+ * the copy: refusing rather than overwriting the tail is the last line of
+ * defence if the accounting is wrong. */
+static int clean_one(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t pos = h->heap_tail;
+    struct sc_record r;
+    read_record(L, pos, &r);
+    uint64_t size = sc_record_size(r.key_len, r.value_len);
+    if (r.key_len == 0 || r.key_len > SC_MAX_KEY_BYTES || size > L->max_record || pos + size > h->heap_head)
+        return SC_CORRUPT;
+    int64_t e = entry_pointing_at(L, pos, r.hash);
+    if (e >= 0) {
+        uint64_t to = h->heap_head;
+        if (L->heap_bytes - (to - pos) < size)
+            return SC_CORRUPT;
+        heap_move(L, pos, to, size);
+        STORE_REL(h->heap_head, to + size);
+        STORE_REL(active_table(L)[e].ptr, to + 1);
+    }
+    advance_heap_tail(h, pos + size);
+    return SC_OK;
+}
+
+/* Log cleaning: make the heap's free space at least need + max_record.  With
  * live_bytes <= store_bytes, need <= max_record = store_bytes / 2 and
  * heap_bytes = 2 * store_bytes this always succeeds within one pass over the
  * heap (design.md, "Heap space"); failing means the accounting is corrupt. */
@@ -246,22 +272,11 @@ static int make_room(struct sc_layout *L, uint64_t need)
     struct sc_header *h = hdr(L);
     uint64_t stop = h->heap_head;
     while (L->heap_bytes - (h->heap_head - h->heap_tail) < need + L->max_record) {
-        uint64_t pos = h->heap_tail;
-        if (pos >= stop)
+        if (h->heap_tail >= stop)
             return SC_CORRUPT;
-        struct sc_record r;
-        read_record(L, pos, &r);
-        uint64_t size = sc_record_size(r.key_len, r.value_len);
-        if (r.key_len == 0 || r.key_len > SC_MAX_KEY_BYTES || size > L->max_record)
-            return SC_CORRUPT;
-        int64_t e = entry_pointing_at(L, pos, r.hash);
-        if (e >= 0) {
-            uint64_t to = h->heap_head;
-            heap_move(L, pos, to, size);
-            STORE_REL(h->heap_head, to + size);
-            STORE_REL(active_table(L)[e].ptr, to + 1);
-        }
-        advance_heap_tail(h, pos + size);
+        int rc = clean_one(L);
+        if (rc != SC_OK)
+            return rc;
     }
     return SC_OK;
 }
@@ -517,17 +532,78 @@ void sc_lock_release(struct sc_layout *L, int notify)
         sc_notify(L);
 }
 
-/* Empty the store (replace, and recovery from a crashed replace). */
-int sc_store_clear(struct sc_layout *L)
+/* ---- replace: a new store built beside the old one ------------------------
+ * (design.md, "replace()").  The holder stages the new state into the
+ * inactive table and fresh heap records while readers keep using the old
+ * one, then switches.  A holder that dies while staging leaves the old store
+ * intact (sc_stage_abandon); one that dies while committing left a complete
+ * staged table, and the next holder commits it. */
+
+/* Begin staging a replace at rv: one cleaning pass over the whole heap, so
+ * that its free space is heap_bytes - live_bytes >= store_bytes, room for
+ * any new state; then an empty inactive table.  Readers never probe the
+ * inactive table past a generation check: it was inactive since the last
+ * switch, which bumped index_gen. */
+int sc_stage_begin(struct sc_layout *L, uint64_t rv)
 {
     struct sc_header *h = hdr(L);
-    advance_heap_tail(h, h->heap_head);
-    memset(active_table(L), 0, L->index_slots * sizeof(struct sc_index_entry));
-    h->live_keys = 0;
-    h->live_bytes = 0;
-    h->tombstones = 0;
-    STORE_REL(h->index_gen, h->index_gen + 1);
+    uint64_t stop = h->heap_head;
+    while (h->heap_tail < stop) {
+        int rc = clean_one(L);
+        if (rc != SC_OK)
+            return rc;
+    }
+    uint64_t staged = (h->active_index & 1) ^ 1;
+    memset(table(L, staged), 0, L->index_slots * sizeof(struct sc_index_entry));
+    h->op_arg = rv;
+    h->op_table = staged;
+    h->op_heap = h->heap_head;
+    h->op_state = SC_OP_REPLACING;
     return SC_OK;
+}
+
+/* Add one record of the new state (keys unique, sizes checked by the caller
+ * against store_bytes and max_keys). */
+int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                 const uint8_t *value, uint32_t value_len)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t size = sc_record_size(key_len, value_len);
+    if (h->op_state != SC_OP_REPLACING || key_len == 0 || key_len > SC_MAX_KEY_BYTES ||
+        size > L->max_record || L->heap_bytes - (h->heap_head - h->heap_tail) < size)
+        return SC_CORRUPT;
+    struct sc_index_entry *t = table(L, h->op_table);
+    uint64_t hash = sc_hash(L->hash_seed, key, key_len), mask = L->index_slots - 1, j = hash & mask;
+    for (uint64_t n = 0; t[j].ptr != 0; j = (j + 1) & mask)
+        if (++n == L->index_slots)
+            return SC_CORRUPT;
+    uint64_t pos = heap_append(L, key, key_len, value, value_len, h->op_arg, hash);
+    t[j].hash = hash;
+    t[j].ptr = pos + 1;
+    return SC_OK;
+}
+
+/* A staging holder died (or raised): forget the staged records.  Nothing of
+ * them was ever reachable by a reader, so the heap head may move back. */
+void sc_stage_abandon(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    if (h->op_heap >= h->heap_tail && h->op_heap <= h->heap_head)
+        STORE_REL(h->heap_head, h->op_heap);
+}
+
+/* Make the staged table the store (idempotent: a recovering holder may
+ * repeat it).  The caller has already expired the ring's window and
+ * published rv = op_arg, so a list() that sees the new table also sees an
+ * rv its old store_rv cannot be replayed to, and retries. */
+int sc_stage_switch(struct sc_layout *L)
+{
+    struct sc_header *h = hdr(L);
+    if ((h->active_index & 1) != (h->op_table & 1)) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        STORE_REL(h->active_index, h->op_table & 1);
+    }
+    return sc_recount(L); /* the new counters; bumps index_gen */
 }
 
 /* Recompute the store's counters from the active table (after a crash the

@@ -30,8 +30,9 @@
 /* what the lock holder is doing (header.op_state) */
 #define SC_OP_IDLE 0
 #define SC_OP_MUTATING 1
-#define SC_OP_REPLACING 2
+#define SC_OP_REPLACING 2   /* staging a replace: the next holder abandons it */
 #define SC_OP_BROKEN 3      /* a repair failed: the next holder tries again */
+#define SC_OP_COMMITTING 4  /* a replace fully staged: the next holder commits it */
 
 /* negative results of sc_put / sc_delete besides -SC_NOTFOUND and -SC_CORRUPT */
 #define SC_FULL_KEYS 6      /* the store already holds max_keys keys */
@@ -105,7 +106,9 @@ struct sc_header {
 
     uint64_t op_arg;            /* replace: the target rv */
     uint64_t lock_recoveries;   /* how often a dead holder's lock was recovered */
-    uint64_t pad1[6];
+    uint64_t op_table;          /* replace: the table being staged (0 or 1) */
+    uint64_t op_heap;           /* replace: heap_head before the first staged record */
+    uint64_t pad1[4];
 
     /* futex word readers wait on; incremented after each publication */
     uint32_t notify_seq;
@@ -219,7 +222,11 @@ int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
  * idle (repair first) */
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner);
 void sc_lock_release(struct sc_layout *L, int notify);
-int sc_store_clear(struct sc_layout *L);
+int sc_stage_begin(struct sc_layout *L, uint64_t rv);
+int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                 const uint8_t *value, uint32_t value_len);
+void sc_stage_abandon(struct sc_layout *L);
+int sc_stage_switch(struct sc_layout *L);
 int sc_recount(struct sc_layout *L);
 int sc_replay(struct sc_layout *L);
 

@@ -201,14 +201,14 @@ class Reader:
         reason = ""
         for attempt in range(LIST_ATTEMPTS):
             self._check_alive()
-            if self._h.op_state == lib.SC_OP_REPLACING:
-                reason = "a replace() was in progress"
-                self._wait_change(0.05 * (attempt + 1))
-                continue
             result = self._try_list(raw_prefix)
             if isinstance(result, Snapshot):
                 return result
             reason = result
+            if self._h.op_state == lib.SC_OP_COMMITTING:
+                # a replace is being switched in: wait for it, do not spin
+                reason = "a replace() was being committed"
+                self._wait_change(0.05 * (attempt + 1))
         raise ResourceExpired(
             f"list() found no consistent snapshot in {LIST_ATTEMPTS} attempts: {reason}",
             oldest_rv=self._window()[2],
@@ -223,6 +223,10 @@ class Reader:
         r1 = int(lib.sc_load_acquire(self._p_rv))
         if s0 > r1:
             return "a replace() was in progress"
+        if self._h.op_state == lib.SC_OP_COMMITTING:
+            # a snapshot at r1 is true, but its window is already expired:
+            # nobody could watch from it
+            return "a replace() was being committed"
         if s0 < r1:
             try:
                 index, end = self._locate(s0)

@@ -271,7 +271,13 @@ class Writer:
         """Make the store exactly ``items`` at resource version ``rv`` (a
         relist, as Kubernetes' Replace) and empty the ring's window: readers
         of the old window get ResourceExpired at their next refill.  Keys
-        must be unique.  Returns ``rv``."""
+        must be unique.  Returns ``rv``.
+
+        Atomic for readers and across a crash: the new state is built beside
+        the old one, which readers keep seeing until one switch; a writer
+        that dies before the new state is complete leaves the old store as it
+        was, one that dies after has its replace finished by the next
+        writer (docs/design.md, "replace()")."""
         if rv is None:
             raise TypeError("replace() needs an explicit rv")
         batch: dict[bytes, bytes] = {}
@@ -293,17 +299,34 @@ class Writer:
             )
         with self._locked():
             new_rv = self._next_rv(rv)
-            h = self._h
-            h.op_arg = new_rv
-            h.op_state = lib.SC_OP_REPLACING
-            self._expire_window(new_rv)
-            lib.sc_store_clear(self._layout)
-            for raw, data in batch.items():
-                if lib.sc_apply(self._layout, lib.SC_ADDED, raw, len(raw), data, len(data), new_rv, 0) < 0:
-                    raise CacheCorrupted("store rejected a validated record during replace()")
-            self._finish_replace(new_rv)
-            h.op_state = lib.SC_OP_MUTATING  # done: the release marks it idle
+            self._stage(batch, new_rv)
+            self._commit_replace()
         return new_rv
+
+    def _stage(self, batch: dict[bytes, bytes], rv: int) -> None:
+        """Build the new state in the inactive table (op_state REPLACING:
+        abandoned if the holder dies); then mark it complete (COMMITTING)."""
+        self._check_rc(lib.sc_stage_begin(self._layout, rv), "staging a replace()")
+        for raw, data in batch.items():
+            self._check_rc(lib.sc_stage_put(self._layout, raw, len(raw), data, len(data)),
+                           "staging a replace()")
+        lib.sc_store_release(self._map.field("op_state"), lib.SC_OP_COMMITTING)
+
+    def _commit_replace(self) -> None:
+        """Publish a fully staged replace at rv = op_arg; idempotent, so a
+        holder recovering from a crash anywhere in it can run it again.
+        Order matters for list() (docs/design.md, "replace()"): the window
+        is expired and rv published before the table switch, store_rv last."""
+        rv = int(self._h.op_arg)
+        self._expire_window(rv)
+        lib.sc_store_release(self._rv_p, rv)
+        self._check_rc(lib.sc_stage_switch(self._layout), "committing a replace()")
+        lib.sc_store_release(self._map.field("store_rv"), rv)
+        self._h.op_state = lib.SC_OP_MUTATING  # done: the release marks it idle
+
+    def _check_rc(self, rc: int, doing: str) -> None:
+        if rc != lib.SC_OK:
+            raise CacheCorrupted(f"cache {self.name!r}: the store's accounting is corrupt {doing} (code {rc})")
 
     # ---- for the owning daemon -----------------------------------------
 
@@ -391,7 +414,8 @@ class Writer:
             try:
                 self._repair()
             except BaseException:
-                self._h.op_state = lib.SC_OP_BROKEN
+                if self._h.op_state not in (lib.SC_OP_REPLACING, lib.SC_OP_COMMITTING):
+                    self._h.op_state = lib.SC_OP_BROKEN  # else: still knows what to finish
                 self._lock.release(notify=True)
                 raise
             self._h.op_state = lib.SC_OP_MUTATING
@@ -478,19 +502,14 @@ class Writer:
         lib.sc_store_release(self._map.field("replace_rv"), rv)
         lib.sc_store_release(self._map.field("start_index"), end)
 
-    def _finish_replace(self, rv: int) -> None:
-        lib.sc_store_release(self._map.field("store_rv"), rv)
-        lib.sc_store_release(self._rv_p, rv)
-
     def _repair(self) -> None:
         """Finish or roll back what a dead lock holder (or an exception in
         replace()) left half-done."""
         h = self._h
-        if h.op_state == lib.SC_OP_REPLACING:
-            rv = int(h.op_arg)
-            self._expire_window(rv)
-            lib.sc_store_clear(self._layout)
-            self._finish_replace(rv)
+        if h.op_state == lib.SC_OP_REPLACING:  # the old store stands
+            lib.sc_stage_abandon(self._layout)
+        elif h.op_state == lib.SC_OP_COMMITTING:  # the new one is complete
+            self._commit_replace()
         else:
             rc = lib.sc_recount(self._layout)
             if rc == lib.SC_OK:

@@ -1,8 +1,9 @@
-"""Child-process side of tests/test_crossprocess.py, and the deterministic
-workloads that both the children and the tests recompute.
+"""Child-process side of tests/test_crossprocess.py and of
+tests/stress/test_writer_crash.py and test_wrap_single.py, and the
+deterministic workloads that both the children and the tests recompute.
 
 A child runs ``python -c "...main(sys.argv[1:])" FUNCTION JSON_KWARGS``
-(see ``test_crossprocess.spawn``).  Children report on stdout, one line per
+(see ``tests._spawn.spawn``).  Children report on stdout, one line per
 fact; a child that finds the cache wrong raises, so it exits non-zero with
 the traceback on stderr, which the test shows.
 
@@ -482,24 +483,6 @@ def hold_lock(name: str, then: str) -> None:
         os._exit(3)
 
 
-def half_replace(name: str) -> None:
-    """Begin a replace() at rv + 5 exactly as Writer.replace does, apply one
-    of its items, then exit holding the lock."""
-    w = Writer(name, create=False)
-    w._thread_lock.acquire()
-    w._begin()
-    h = w._map.header
-    rv = int(h.rv) + 5
-    h.op_arg = rv
-    h.op_state = lib.SC_OP_REPLACING
-    w._expire_window(rv)
-    lib.sc_store_clear(w._layout)
-    raw, value = b"new/0", b"partial"
-    assert lib.sc_apply(w._layout, lib.SC_ADDED, raw, len(raw), value, len(value), rv, 0) > 0
-    emit("held", rv)
-    os._exit(3)
-
-
 # ---- tests 6 and 8: watchers --------------------------------------------------
 
 
@@ -618,7 +601,7 @@ def read_everything(name: str) -> None:
 
 CHILDREN: dict[str, Callable[..., None]] = {
     f.__name__: f
-    for f in (write_workload, drain, lister, put_loop, hold_lock, half_replace, watcher, creator,
+    for f in (write_workload, drain, lister, put_loop, hold_lock, watcher, creator,
               mixed_writer, poke, read_everything)
 }
 

@@ -1,6 +1,9 @@
-"""Helpers of tests/test_daemon.py: a ``shmcached`` process, raw protocol
-clients written from docs/protocol.md (not from shmcache/_protocol.py), a
-fake systemd ``NOTIFY_SOCKET``, and child processes that print JSON lines."""
+"""Helpers of tests/test_daemon.py and of the daemon's stress tests
+(tests/stress/test_hostile_producers.py, test_daemon_crash.py...): a
+``shmcached`` process, raw protocol clients written from docs/protocol.md (not
+from shmcache/_protocol.py), a fake systemd ``NOTIFY_SOCKET``, child processes
+that print JSON lines, and the ``served`` fixture (tests/conftest.py provides
+it to every test module)."""
 
 from __future__ import annotations
 
@@ -17,15 +20,27 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shmcache import CacheClosed, CacheCorrupted, CacheNotFound, Reader
+import pytest
+
+from shmcache import (
+    CacheClosed,
+    CacheCorrupted,
+    CacheNotFound,
+    DaemonUnavailable,
+    Producer,
+    Reader,
+    Snapshot,
+)
 
 from . import helpers
 
 #: sizes small enough for /dev/shm on a CI machine
 SMALL = ("--capacity", "64", "--arena-bytes", "65536", "--max-keys", "256", "--store-bytes", "1048576")
+MAX_FRAME = 100_000  # --max-frame-bytes of the ``served`` daemon: above its 64 KiB arena
 START_TIMEOUT = 20.0  # from Popen to "serving"
 STOP_TIMEOUT = 20.0  # from SIGTERM to exit
 IO_TIMEOUT = 10.0  # any single socket read or write the daemon should answer at once
@@ -40,6 +55,12 @@ SHUTTING_DOWN, FORBIDDEN, READ_ONLY, INTERNAL = 10, 11, 12, 13
 CLOSING = frozenset({BAD_FRAME, FRAME_TOO_LARGE, FORBIDDEN})
 MAX_RV = (1 << 63) - 1
 MAX_KEY_BYTES = 1024
+
+
+def record_size(key: bytes, value: bytes) -> int:
+    """Bytes a store record takes (docs/design.md): 24-byte header, key,
+    value, padded to 8."""
+    return (24 + len(key) + len(value) + 7) & ~7
 
 
 def frame(payload: bytes) -> bytes:
@@ -137,6 +158,21 @@ def at_eof(sock: socket.socket, timeout: float = IO_TIMEOUT) -> bool:
 
 
 # ---- the daemon -------------------------------------------------------------
+
+
+def sock_in(tmp_path: Path, label: str = "d") -> str:
+    path = str(tmp_path / f"{label}.sock")
+    assert len(path.encode()) < 100, f"{path} is too long for a Unix socket"
+    return path
+
+
+def seg_path(name: str) -> str:
+    return f"/dev/shm/shmcache.{name}"
+
+
+def as_dict(snap: Snapshot) -> dict[str, tuple[bytes, int]]:
+    return {item.key: (item.value, item.rv) for item in snap.items}
+
 
 _SCRUB = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID",
           "RUNTIME_DIRECTORY", "SHMCACHE_NAME", "LISTEN_FDS", "LISTEN_PID")
@@ -257,6 +293,21 @@ def running(name: str, socket_path: str, log: Path, *args: str, small: bool = Tr
     if not stopped_by_body:
         assert rc == 0, d.fail(f"exit status {rc} after SIGTERM")
         d.assert_gone()
+
+
+def producer_when_admitted(sock: str) -> Producer:
+    """A Producer the daemon has admitted (it may still count a client that
+    just disconnected: retry until it has noticed)."""
+    deadline = time.monotonic() + 20
+    while True:
+        p = Producer(sock)
+        try:
+            p.ping()
+            return p
+        except DaemonUnavailable:
+            p.close()
+            assert time.monotonic() < deadline, "never admitted"
+            time.sleep(0.05)
 
 
 # ---- a fake systemd ---------------------------------------------------------
@@ -426,3 +477,44 @@ def wait_for(predicate: Any, what: str, timeout: float = START_TIMEOUT, step: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(step)
+
+
+# ---- a daemon holding a little state, with a Producer and a Reader -------------
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    sock: str
+    producer: Producer
+    reader: Reader
+    snapshot: Snapshot
+
+    def assert_unchanged(self) -> None:
+        assert self.producer.ping() == self.snapshot.rv
+        assert self.reader.list() == self.snapshot
+
+    def connections(self) -> int:
+        n: int = self.producer.stats()["producers"]
+        return n
+
+    def wait_only_producer(self) -> None:
+        """Until the daemon has dropped every connection but the producer's."""
+        wait_for(lambda: self.connections() == 1, "the daemon keeps connections the clients closed")
+
+
+@pytest.fixture
+def served(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    """A daemon (--client-timeout 0.5, --heartbeat 0.1, --max-frame-bytes
+    MAX_FRAME, then any options given as the indirect parameter) holding a
+    little state, a Producer and a Reader."""
+    sock = sock_in(tmp_path)
+    extra: list[str] = getattr(request, "param", [])
+    with running(name, sock, tmp_path / "d.log", "--client-timeout", "0.5", "--heartbeat", "0.1",
+                 "--max-frame-bytes", str(MAX_FRAME), *extra) as d:
+        with Reader(name) as reader, Producer(sock) as producer:
+            producer.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+            producer.delete("c")
+            snapshot = reader.list()
+            assert snapshot.rv == 4
+            yield Served(d, sock, producer, reader, snapshot)

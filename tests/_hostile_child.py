@@ -1,4 +1,4 @@
-"""Child process of tests/test_hostile.py: readers on hostile shared memory.
+"""Child process of tests/stress/test_hostile_segments.py: readers on hostile shared memory.
 
 Run as ``python -c "from tests._hostile_child import main; main()" cases NAME
 GEOMETRY VARIANT FIRST COUNT``.  It builds one pristine segment named NAME
@@ -55,7 +55,7 @@ TOMBSTONE = U64
 SLOT_BYTES = 32
 ENTRY_BYTES = 16
 RECORD_BYTES = 24
-SC_OP_REPLACING = 2
+SC_OP_COMMITTING = 4  # a replace being switched in: list() waits for it
 
 
 def _header_fields() -> dict[str, tuple[int, int]]:
@@ -453,11 +453,11 @@ def make_case(seed: int, pristine: bytes, lay: Layout) -> Case:
           "bytes": mutate_bytes, "words": mutate_words, "slot": mutate_slot,
           "index": mutate_index, "record": mutate_record, "mix": mutate_mix}[kind]
     desc = fn(buf, lay, rng)
-    if read_field(buf, "op_state") == SC_OP_REPLACING:
-        # A replace stuck "in progress" makes every list() wait ~2 s before its
-        # ResourceExpired: test_hostile covers that once, not here.
+    if read_field(buf, "op_state") == SC_OP_COMMITTING:
+        # A replace stuck "committing" makes every list() wait ~2 s before its
+        # ResourceExpired: test_hostile_segments covers that once, not here.
         write_field(buf, "op_state", 3)
-        desc += " (op_state 2->3)"
+        desc += " (op_state 4->3)"
     return Case(desc, content=bytes(buf))
 
 
@@ -525,7 +525,7 @@ def exercise(name: str, present: list[str], absent: list[str], rng: random.Rando
         attempt("interval(oldest-1)", lambda: drain_next(since, size))
         attempt("interval(1,'a/')", lambda: drain(reader.interval(1, prefix="a/", buffer_size=1)))
         if isinstance(rv, int) and rng.random() < 0.3:
-            # clamped to 64 bits: test_hostile's test_since_rv_beyond_64_bits_...
+            # clamped to 64 bits: test_hostile_segments's test_since_rv_beyond_64_bits_...
             # covers larger since_rv values on their own
             near = max(0, min(rv + rng.randint(-3, 1), U64))
             attempt("interval(rv-k)", lambda: drain_next(near, size))
@@ -603,7 +603,7 @@ def scribble(name: str, geometry: str, variant: str, seconds: float, seed: int) 
         while time.monotonic() < deadline:
             buf = bytearray(pristine)
             rng.choice(SIMPLE)(buf, lay, rng)
-            if read_field(buf, "op_state") == SC_OP_REPLACING:
+            if read_field(buf, "op_state") == SC_OP_COMMITTING:
                 write_field(buf, "op_state", 3)
             write_field(buf, "closed", 0)
             # flip between the two: the reader sees fields change between its loads

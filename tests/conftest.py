@@ -4,10 +4,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from ._daemon_helpers import served
 from ._report import pytest_terminal_summary, report
 from .helpers import leftovers, remove_cache, unique_name
 
-__all__ = ["name", "pytest_terminal_summary", "report"]
+__all__ = ["name", "pytest_terminal_summary", "report", "served"]
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The writers' lock in the windows a kill cannot target on demand: a holder
 stuck before recording its identity, no token at all, a surplus semaphore
-count.  (Dead and stopped holders in real processes: test_crossprocess.py.)"""
+count.  (Dead and stopped holders in real processes: tests/stress/test_writer_crash.py.)"""
 
 from __future__ import annotations
 

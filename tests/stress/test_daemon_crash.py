@@ -18,10 +18,19 @@ import pytest
 
 from shmcache import CacheClosed, Item, Reader
 
-from .._daemon_helpers import Daemon, LineChild, child, running, wait_for
-from ..helpers import remove_cache, scaled, unique_name
-from ..test_daemon import _copy_segment, as_dict, seg_path, sock_in
+from .._daemon_helpers import (
+    Daemon,
+    LineChild,
+    as_dict,
+    child,
+    running,
+    seg_path,
+    sock_in,
+    wait_for,
+)
 from .._report import Report
+from ..helpers import remove_cache, scaled, unique_name
+from ..test_daemon import _copy_segment
 
 #: ``PRODUCER socket tag stop_file``: puts key TAG/I = b"TAG/I" (a new I for
 #: every attempt) through a Producer(timeout=5) until the stop file exists;

@@ -19,8 +19,10 @@ import collections
 import mmap
 import os
 import select
+import signal
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from shmcache._native import ffi
@@ -34,8 +36,9 @@ from shmcache import (
     Writer,
 )
 
-from ._hostile_child import CASE_TIMEOUT, FIELDS, write_field
-from .helpers import STRESS, python, remove_cache, scaled
+from .._hostile_child import CASE_TIMEOUT, FIELDS, write_field
+from .._report import Report
+from ..helpers import STRESS, python, remove_cache, scaled
 
 CASES_PER_PART = scaled(500, 12_600)
 PARTS = [
@@ -59,11 +62,32 @@ class Run:
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     bad: list[str] = field(default_factory=list)        # non-ShmCacheError exceptions
     crashes: list[str] = field(default_factory=list)    # died by a signal, or hung
+    deaths: collections.Counter[str] = field(default_factory=collections.Counter)  # how, per crash
 
-    def summary(self) -> str:
-        by_class = ", ".join(f"{k} {v}" for k, v in self.outcomes.most_common())
-        return (f"{self.cases} cases, {len(self.crashes)} crashes/hangs, {len(self.bad)} bad; "
-                f"operation outcomes: {by_class}")
+    def died(self, returncode: int, err: str) -> str:
+        """Count a child's death in ``deaths`` ("hang", a signal's name, or
+        "exit N"); returns how it died, for the message."""
+        if "[killed by the test" in err or "Timeout (" in err:  # the test's or faulthandler's watchdog
+            kind = "hang"
+        elif returncode < 0:
+            try:
+                kind = signal.Signals(-returncode).name
+            except ValueError:  # a real-time signal
+                kind = f"SIG{-returncode}"
+        else:
+            kind = f"exit {returncode}"
+        self.deaths[kind] += 1
+        return kind
+
+    def figures(self) -> dict[str, Any]:
+        """The report's figures: cases, crashes (deaths by a signal: SIGSEGV,
+        SIGBUS...), hangs, and every outcome of a reader operation: ok, the
+        ShmCacheError subclass raised, or BAD:op:OtherException."""
+        hangs = self.deaths["hang"]
+        return {"cases": self.cases, "crashes": sum(n for k, n in self.deaths.items() if k.startswith("SIG")),
+                "segfaults": self.deaths["SIGSEGV"], "hangs": hangs, "deaths": dict(self.deaths),
+                "bad": len(self.bad), "exception_types": sorted(k for k in self.outcomes if k != "ok"),
+                "outcomes": dict(self.outcomes.most_common())}
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
@@ -115,6 +139,7 @@ def run_child(name: str, geometry: str, variant: str, first: int, count: int, ru
         return next_seed
     how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
            else f"exit status {proc.returncode}")
+    how += f" ({run.died(proc.returncode, err)})"
     if begun is None:  # died outside any case: building, or a harness error
         raise AssertionError(f"hostile child {geometry}/{variant} failed outside a case ({how}):\n"
                              f"{err[-6000:]}")
@@ -126,7 +151,7 @@ def run_child(name: str, geometry: str, variant: str, first: int, count: int, ru
 
 
 @pytest.mark.parametrize(("geometry", "variant"), PARTS)
-def test_readers_survive_hostile_segments(name: str, geometry: str, variant: str) -> None:
+def test_readers_survive_hostile_segments(name: str, geometry: str, variant: str, report: Report) -> None:
     index = PARTS.index((geometry, variant))
     first = index * 10_000_000
     stop = first + CASES_PER_PART
@@ -139,7 +164,10 @@ def test_readers_survive_hostile_segments(name: str, geometry: str, variant: str
             restarts += 1
             if restarts > MAX_RESTARTS:
                 break
-    print(f"\nhostile {geometry}/{variant}: {run.summary()}")
+    report(checked=f"readers on {geometry}/{variant} segments mutated at random: every operation answers "
+                   "or raises a ShmCacheError; no crash, hang or other exception",
+           events=sum(run.outcomes.values()), faults=run.cases, failures=len(run.crashes) + len(run.bad),
+           restarts=restarts, **run.figures())
     assert not run.crashes, "reader crashed or hung:\n" + "\n".join(run.crashes)
     assert not run.bad, "reader raised non-ShmCacheError exceptions:\n" + "\n".join(run.bad)
     assert run.cases == CASES_PER_PART
@@ -147,7 +175,7 @@ def test_readers_survive_hostile_segments(name: str, geometry: str, variant: str
     assert run.outcomes["ok"] > run.cases
 
 
-def test_readers_survive_a_scribbler(name: str) -> None:
+def test_readers_survive_a_scribbler(name: str, report: Report) -> None:
     """The same mutations, made while a reader in another process reads: each
     field may change between two loads of it."""
     seconds = 60.0 if STRESS == "soak" else 3.0
@@ -166,7 +194,14 @@ def test_readers_survive_a_scribbler(name: str) -> None:
     run = Run()
     begun, _ = parse(out, "scribbled", run)
     rounds = [line for line in s_out.splitlines() if line.startswith("SCRIBBLED")]
-    print(f"\nhostile scribbled: {run.summary()}; {rounds}")
+    scribbled = sum(int(line.split()[1]) for line in rounds)
+    if reader.returncode != 0:
+        run.died(reader.returncode, err)
+    report(checked="a reader reading while another process rewrites the segment under it (fields change "
+                   "between two loads): every operation answers or raises a ShmCacheError",
+           events=sum(run.outcomes.values()), faults=scribbled,
+           failures=len(run.bad) + int(reader.returncode != 0 or begun is not None),
+           scribbled_rounds=scribbled, scribbler_status=scribbler.returncode, **run.figures())
     assert scribbler.returncode == 0, f"scribbler failed:\n{s_err[-4000:]}"
     assert reader.returncode == 0 and begun is None, (
         f"reader crashed or hung (exit status {reader.returncode}) in round {begun}:\n{err[-6000:]}")
@@ -195,34 +230,40 @@ def _small_writer(name: str) -> Writer:
     return w
 
 
-def test_missing_cache_is_not_found(name: str) -> None:
+def test_missing_cache_is_not_found(name: str, report: Report) -> None:
     with pytest.raises(CacheNotFound):
         Reader(name)
+    report(checked="no segment: Reader() raises CacheNotFound", events=1, faults=1, failures=0)
 
 
-def test_wrong_magic_is_corrupted(name: str) -> None:
+def test_wrong_magic_is_corrupted(name: str, report: Report) -> None:
     with _small_writer(name):
         _patch(name, "magic", int.from_bytes(b"SHMCACHF", "little"))
         with pytest.raises(CacheCorrupted, match="magic"):
             Reader(name)
+    report(checked="a wrong magic: Reader() raises CacheCorrupted naming it", events=1, faults=1, failures=0)
 
 
-def test_wrong_layout_version_is_corrupted(name: str) -> None:
+def test_wrong_layout_version_is_corrupted(name: str, report: Report) -> None:
     with _small_writer(name):
         _patch(name, "layout_version", 2)
         with pytest.raises(CacheCorrupted, match="layout version"):
             Reader(name)
+    report(checked="another layout version: Reader() raises CacheCorrupted naming it",
+           events=1, faults=1, failures=0)
 
 
-def test_magic_zero_is_still_being_created(name: str) -> None:
+def test_magic_zero_is_still_being_created(name: str, report: Report) -> None:
     with _small_writer(name):
         _patch(name, "magic", 0)
         with pytest.raises(CacheNotFound):
             Reader(name)
+    report(checked="magic 0 (a segment still being created): Reader() raises CacheNotFound",
+           events=1, faults=1, failures=0)
 
 
 @pytest.mark.parametrize("size", [0, 1, 8, 4095])
-def test_segment_shorter_than_its_header_is_corrupted(name: str, size: int) -> None:
+def test_segment_shorter_than_its_header_is_corrupted(name: str, size: int, report: Report) -> None:
     with _small_writer(name) as w, open(_segment(name), "r+b") as f:
         os.ftruncate(f.fileno(), size)
         try:
@@ -230,19 +271,24 @@ def test_segment_shorter_than_its_header_is_corrupted(name: str, size: int) -> N
                 Reader(name)
         finally:  # the writer's mapping must be whole again before it closes
             os.ftruncate(f.fileno(), w.geometry.total_bytes)
+    report(checked=f"a segment truncated to {size} bytes: Reader() raises CacheCorrupted",
+           events=1, faults=1, failures=0, size=size)
 
 
-def test_a_file_of_garbage_is_corrupted(name: str) -> None:
+def test_a_file_of_garbage_is_corrupted(name: str, report: Report) -> None:
     with open(_segment(name), "wb") as f:
         f.write(os.urandom(3 * 4096))
     with pytest.raises(CacheCorrupted):
         Reader(name)
+    report(checked="12 KiB of random bytes as the segment: Reader() raises CacheCorrupted",
+           events=1, faults=1, failures=0)
 
 
-def test_geometry_out_of_line_is_corrupted(name: str) -> None:
+def test_geometry_out_of_line_is_corrupted(name: str, report: Report) -> None:
+    fields = ("capacity", "arena_bytes", "max_keys", "index_slots", "heap_offset", "total_bytes",
+              "header_bytes")
     with _small_writer(name):
-        for field_name in ("capacity", "arena_bytes", "max_keys", "index_slots", "heap_offset",
-                           "total_bytes", "header_bytes"):
+        for field_name in fields:
             offset, width = FIELDS[field_name]
             with open(_segment(name), "rb") as f:
                 original = int.from_bytes(f.read(4096)[offset:offset + width], "little")
@@ -252,6 +298,8 @@ def test_geometry_out_of_line_is_corrupted(name: str) -> None:
                     Reader(name)
             finally:
                 _patch(name, field_name, original)
+        report(checked="each geometry field off by one: Reader() raises CacheCorrupted; restored, it reads",
+               events=len(fields) + 1, faults=len(fields), failures=0)
         with Reader(name) as r:  # restored: it reads again
             assert r.get("k0") is not None
 
@@ -259,19 +307,25 @@ def test_geometry_out_of_line_is_corrupted(name: str) -> None:
 # ---- other hostile values ---------------------------------------------------
 
 
-def test_since_rv_beyond_64_bits_is_not_an_overflow(name: str) -> None:
+def test_since_rv_beyond_64_bits_is_not_an_overflow(name: str, report: Report) -> None:
     """A since_rv newer than anything the segment holds gives an empty
     interval (or a ShmCacheError), whatever its size: here 2**64 and more,
     e.g. ``resource_version + 1`` on a header whose rv is all ones."""
+    calls, refused = 0, 0
     with _small_writer(name), Reader(name) as r:
         for since in (2**63, 2**64 - 1, 2**64, 2**70):
             for watch in (False, True):
+                calls += 1
                 try:
                     events = list(r.watch(since, timeout=0) if watch else r.interval(since))
                 except ShmCacheError:
+                    refused += 1
                     continue
                 assert events == [], since
         _patch(name, "rv", 2**64 - 1)
+        report(checked="since_rv of 2**63 and more, and rv + 1 on a header whose rv is all ones: an empty "
+                       "interval or a ShmCacheError, never an overflow",
+               events=calls + 1, faults=1, failures=0, refused_with_shmcacheerror=refused)
         try:
             try:
                 assert list(r.interval(r.resource_version + 1)) == []
@@ -281,13 +335,16 @@ def test_since_rv_beyond_64_bits_is_not_an_overflow(name: str) -> None:
             _patch(name, "rv", 10)
 
 
-def test_replace_stuck_in_progress_bounds_list(name: str) -> None:
-    """A segment whose op_state says "replacing" forever (its writer died in
-    replace() and nobody repaired it): list() gives up with ResourceExpired
-    after a bounded wait instead of waiting forever; get() still answers."""
+def test_replace_stuck_in_progress_bounds_list(name: str, report: Report) -> None:
+    """A segment whose op_state says "committing a replace" forever (its
+    writer died in replace() and nobody repaired it): list() gives up with
+    ResourceExpired after a bounded wait instead of waiting forever; get()
+    still answers.  "Staging" (2) forever changes nothing for readers."""
     with _small_writer(name), Reader(name) as r:
         expected = r.list()
         _patch(name, "op_state", 2)
+        assert r.list() == expected
+        _patch(name, "op_state", 4)
         assert r.get("k0") == next(i for i in expected.items if i.key == "k0")
         with pytest.raises(ResourceExpired, match="replace"):
             r.list()
@@ -295,3 +352,5 @@ def test_replace_stuck_in_progress_bounds_list(name: str) -> None:
             r.interval(0)
         _patch(name, "op_state", 0)
         assert r.list() == expected
+    report(checked="op_state stuck in a replace: list() gives up with ResourceExpired after a bounded "
+                   "wait, get() answers; restored, list() is as before", events=5, faults=1, failures=0)

@@ -10,7 +10,8 @@ After every step a Reader must agree with it on ``get`` of every key,
 through a buffer of 1-3 events so that refills happen), including the exact
 ``ResourceExpired`` condition and message.
 
-``SHMCACHE_STRESS=soak`` runs many more and longer examples.
+``SHMCACHE_STRESS=soak`` runs many more and longer examples.  The machine
+runs inside one test, which reports how many examples and steps it ran.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from shmcache import (
@@ -42,7 +44,8 @@ from shmcache import (
     Writer,
 )
 
-from .helpers import SOAK, leftovers, remove_cache, unique_name
+from .._report import Report
+from ..helpers import leftovers, remove_cache, scaled, unique_name
 
 # A small alphabet so that keys repeat; more keys than max_keys so the store fills.
 KEYS = ("a", "a/1", "a/2", "ab", "b", "b/1", "c/é", "c/x", "d", "e")
@@ -233,10 +236,17 @@ class Model:
 
 
 class WatchCacheMachine(RuleBasedStateMachine):
-    """Drives one Writer and checks one Reader against the Model."""
+    """Drives one Writer and checks one Reader against the Model.  The
+    class-level counters add up what the runs of this process did."""
+
+    examples = 0  # machines built: one per example Hypothesis runs
+    steps = 0  # rules run (the initialize rule included), each followed by the invariants
+    applied = 0  # changes the model accepted and the writer applied alike
+    rejected = 0  # changes the model refused and the writer refused alike
 
     def __init__(self) -> None:
         super().__init__()
+        WatchCacheMachine.examples += 1
         self.name = unique_name("model")
         self.writer: Writer | None = None
         self.reader: Reader | None = None
@@ -284,10 +294,12 @@ class WatchCacheMachine(RuleBasedStateMachine):
                 writer_call()
             assert (self.model.rv, self.model.oldest, self.model.items()) == before
             event(f"rejected: {err.type.__name__}")
+            WatchCacheMachine.rejected += 1
             return
         got = writer_call()
         assert got == want
         event("applied")
+        WatchCacheMachine.applied += 1
         if self.model.replace_rv and not self.model.evicted_since_replace:
             event("state: replaced, nothing evicted since")
 
@@ -406,6 +418,12 @@ class WatchCacheMachine(RuleBasedStateMachine):
     # ---- invariants ----------------------------------------------------
 
     @invariant()
+    def count_step(self) -> None:
+        """Not a check: Hypothesis runs the invariants after every step (from
+        the initialize rule on), so this counts the steps."""
+        WatchCacheMachine.steps += 1
+
+    @invariant()
     def resource_versions_agree(self) -> None:
         if self.writer is None:
             return
@@ -452,14 +470,30 @@ class WatchCacheMachine(RuleBasedStateMachine):
         event(f"window: {len(model.window)} events")
 
 
-WatchCacheMachine.TestCase.settings = settings(
-    max_examples=2000 if SOAK else 200,
-    stateful_step_count=80 if SOAK else 30,
+SETTINGS = settings(
+    max_examples=scaled(200, 2000),
+    stateful_step_count=scaled(30, 80),
     deadline=None,
     # no "explain" phase: it re-runs a failing example ~100 times, slowly
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.data_too_large],
 )
-TestWatchCache = WatchCacheMachine.TestCase
+
+
+def test_watch_cache_model(report: Report) -> None:
+    """The state machine, run as one test (what ``WatchCacheMachine.TestCase``
+    would run), and its figures reported whether it passes or fails."""
+    machine = WatchCacheMachine
+    machine.examples = machine.steps = machine.applied = machine.rejected = 0
+    failed = True
+    try:
+        run_state_machine_as_test(machine, settings=SETTINGS)  # type: ignore[no-untyped-call]
+        failed = False
+    finally:
+        report(checked="a Writer with a tiny ring against a model of the watch-cache semantics: after every "
+                       "step get, list (with prefixes), both rvs and interval(since) for every since agree",
+               events=machine.steps, faults=0, failures=int(failed), examples=machine.examples,
+               steps=machine.steps, applied=machine.applied, rejected=machine.rejected,
+               max_examples=SETTINGS.max_examples, stateful_step_count=SETTINGS.stateful_step_count)
 
