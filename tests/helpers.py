@@ -28,9 +28,16 @@ def scaled(ci: int, soak: int) -> int:
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: Set by tests/conftest.py in the controlling pytest process and inherited
+#: by its xdist workers: every name of one session carries it, so the end of
+#: the session can find whatever any test left in /dev/shm.
+SESSION_VARIABLE = "SHMCACHE_TEST_SESSION"
+
+
 def unique_name(tag: str = "t") -> str:
     """A cache name no other test (in any xdist worker) uses."""
-    return f"{tag}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
+    session = os.environ.get(SESSION_VARIABLE, "s")
+    return f"{tag}-{session}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
 
 
 def remove_cache(name: str) -> bool:
