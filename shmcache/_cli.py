@@ -384,10 +384,11 @@ def status_of(name: str) -> dict[str, Any]:
         owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ms),
                                 int(h.creator_pidns), int(h.creator_boot))
         liveness = judge(owner)
-        owner_name = None
+        owner_name = owner_state = None
         if liveness is Liveness.ALIVE:
             try:
-                owner_name = psutil.Process(owner.pid).name()
+                proc = psutil.Process(owner.pid)
+                owner_name, owner_state = proc.name(), proc.status()  # "stopped": SIGSTOPped
             except psutil.Error:
                 pass
         heartbeat = reader.heartbeat_age
@@ -400,6 +401,7 @@ def status_of(name: str) -> dict[str, Any]:
                 "pid": owner.pid,
                 "name": owner_name,
                 "liveness": liveness.value,
+                "state": owner_state,
                 "alive": None if liveness is Liveness.UNKNOWABLE else liveness is Liveness.ALIVE,
             },
             "heartbeat_age": None if heartbeat is None else round(heartbeat, 3),
@@ -437,7 +439,7 @@ def _print_status(s: dict[str, Any]) -> None:
         ("cache", f"{s['name']} ({s['path']})"),
         ("epoch", s["epoch"]),
         ("created", created.isoformat(timespec="seconds")),
-        ("owner", f"{who}, {owner['liveness']}"),
+        ("owner", f"{who}, {owner['liveness']}" + (f" ({owner['state']})" if owner["state"] else "")),
         ("heartbeat", "never (no daemon owns it)" if beat is None else f"{beat:.1f} s ago"),
         ("socket", s["socket"] or "none"),
         ("rv", f"{s['rv']} (oldest {s['oldest_rv']})"),

@@ -395,7 +395,8 @@ def test_status_of_a_writer_owned_cache(name: str, writer: Writer) -> None:
         s = js("status", "--name", name)
     assert s["name"] == name and s["path"] == f"/dev/shm/shmcache.{name}"
     assert s["epoch"] == f"{int(writer._h.epoch):016x}"
-    assert s["owner"] == {"pid": os.getpid(), "name": s["owner"]["name"], "liveness": "alive", "alive": True}
+    assert s["owner"] == {"pid": os.getpid(), "name": s["owner"]["name"], "liveness": "alive", "alive": True,
+                          "state": "sleeping"}  # this process, waiting for the command's
     assert s["heartbeat_age"] is None and s["socket"] is None
     assert (s["rv"], s["oldest_rv"]) == (3, 1)
     assert s["ring"] == {"events": 3, "capacity": 16, "bytes": 1 + 5 + 1 + 1 + 1 + 5, "arena_bytes": 4096}
