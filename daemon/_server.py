@@ -58,6 +58,8 @@ class Daemon:
         self.clients: dict[int, Client] = {}
         self.stop_signal = 0
         self.requests = self.rejected = 0
+        self.accepting = True  # False while accept() fails (EMFILE...): see _pause_accepting
+        self.accept_failing = False  # since the last accept() that worked: log an episode once
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
         self.events_per_s = 0.0
@@ -151,7 +153,8 @@ class Daemon:
         """Stop accepting, answer what was received, close the cache."""
         self.notifier.send(STOPPING=1, STATUS="stopping")
         log.info("stopping (%s)", signal.Signals(self.stop_signal).name if self.stop_signal else "loop ended")
-        self.selector.unregister(self.listener)
+        if self.accepting:
+            self.selector.unregister(self.listener)
         self.listener.close()
         try:
             if os.path.exists(self.config.socket):
@@ -185,6 +188,7 @@ class Daemon:
             if now >= next_beat:
                 self.writer.heartbeat()
                 self._drop_stalled(now)
+                self._resume_accepting()
                 self.notifier.send(STATUS=self._status())
                 next_beat = now + c.heartbeat
             if now >= next_watchdog:
@@ -215,8 +219,9 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE and friends: keep serving the others
-                log.warning("accept failed: %s", err)
+                self._pause_accepting(err)
                 return
+            self.accept_failing = False
             sock.setblocking(False)
             pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
             client = Client(sock, pid, uid)
@@ -237,6 +242,25 @@ class Daemon:
             self.clients[sock.fileno()] = client
             self.selector.register(sock, selectors.EVENT_READ, "client")
             log.debug("producer pid %d uid %d connected", pid, uid)
+
+    def _pause_accepting(self, err: OSError) -> None:
+        """accept() failed (out of file descriptors, most likely).  The
+        waiting connection keeps the listener readable, so retrying at once
+        would spin and flood the log: stop watching the listener until a
+        client leaves or the next heartbeat.  Waiting producers stay in the
+        backlog until then, or until their own timeout."""
+        if self.accepting:
+            self.accepting = False
+            self.selector.unregister(self.listener)
+        if not self.accept_failing:
+            self.accept_failing = True
+            log.warning("accept failed: %s; retrying when a producer disconnects and at each heartbeat "
+                        "(%d clients); logged once until an accept succeeds", err, len(self.clients))
+
+    def _resume_accepting(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            self.selector.register(self.listener, selectors.EVENT_READ, "listener")
 
     def _allowed(self, pid: int, uid: int, gid: int) -> bool:
         c = self.config
@@ -367,6 +391,7 @@ class Daemon:
         except (KeyError, ValueError):
             pass
         client.sock.close()
+        self._resume_accepting()  # a descriptor is free again
 
     # ---- figures ---------------------------------------------------------
 

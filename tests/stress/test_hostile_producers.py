@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -341,6 +342,49 @@ def test_max_clients(name: str, tmp_path: Path, report: Report) -> None:
             second.close()
     report(checked="--max-clients 2: a third producer gets DaemonUnavailable, a freed slot admits again",
            events=3, faults=1, failures=0, max_clients=2)
+
+
+#: runs ``shmcached`` with RLIMIT_NOFILE = argv[1]
+LOW_NOFILE = ("import os, resource, sys; n = int(sys.argv.pop(1)); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'shmcached', *sys.argv[1:]])")
+
+
+def test_out_of_file_descriptors(name: str, tmp_path: Path, report: Report) -> None:
+    """More connections than the daemon has descriptors for (a low
+    ``LimitNOFILE``): accept() fails with EMFILE while the connection waits,
+    so the listener stays readable.  The daemon must neither spin on it nor
+    flood the journal: it logs the episode once, keeps serving its producers,
+    and accepts again as soon as descriptors are free."""
+    sock = sock_in(tmp_path)
+    log = tmp_path / "d.log"
+    flood: list[socket.socket] = []
+    with running(name, sock, log, "--max-clients", "1000", "--heartbeat", "0.1",
+                 command=[sys.executable, "-c", LOW_NOFILE, "32"]) as d:
+        with Producer(sock) as early:
+            early.put("before", b"1")
+            try:
+                for _ in range(60):  # the backlog takes them all; the daemon cannot
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    flood.append(s)
+                    s.connect(sock)
+                wait_for(lambda: "Too many open files" in d.output, "accept() meets EMFILE")
+                for i in range(20):  # several heartbeats retry the accept
+                    assert early.put(f"during{i}", b"2") > 0
+                    time.sleep(0.02)
+                cpu = psutil.Process(d.pid).cpu_times()
+                failures = d.output.count("accept failed")
+            finally:
+                for s in flood:
+                    s.close()
+            with Producer(sock, timeout=10) as late:  # descriptors are free again
+                assert late.put("after", b"3") > 0
+            assert early.ping() > 0
+    report(checked="60 connections beyond RLIMIT_NOFILE=32: one log line for the episode, producers served "
+                   "throughout, new ones accepted once descriptors are free",
+           events=22, faults=len(flood), failures=0, accept_failed_lines=failures,
+           daemon_cpu_seconds=round(cpu.user + cpu.system, 2))
+    assert failures == 1, f"{failures} 'accept failed' lines: the daemon logs each retry"
 
 
 # ==== 3. fuzzing frames =========================================================
