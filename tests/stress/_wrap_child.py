@@ -137,9 +137,10 @@ def emit(**fields: Any) -> None:
 # ---- writer -----------------------------------------------------------------------
 
 
-def writer(name: str, wid: int, events: int, seed: int, log: str) -> None:
+def writer(name: str, wid: int, events: int, seed: int, log: str, rate: float = 0.0) -> None:
     """Write sequence numbers 1..events with a seeded mix of put, delete and
-    put_many (2..MAX_BATCH items, deletes included); record each one's RV."""
+    put_many (2..MAX_BATCH items, deletes included); record each one's RV.
+    ``rate``: at most that many events per second (0: as fast as it can)."""
     w = Writer(name, create=False, lock_timeout=60.0)
     h: Any = w._map.header
     cap = w.geometry.capacity
@@ -148,6 +149,7 @@ def writer(name: str, wid: int, events: int, seed: int, log: str) -> None:
     calls = {"put": 0, "delete": 0, "put_many": 0}
     slot_bound = arena_bound = 0
     emit(ready=wid)
+    started = time.monotonic()
     s = 1
     while s <= events:
         n = 1 if rng.random() < 0.5 else min(rng.randint(2, MAX_BATCH), events - s + 1)
@@ -164,6 +166,10 @@ def writer(name: str, wid: int, events: int, seed: int, log: str) -> None:
             rvs.extend(range(last - n + 1, last + 1))
             calls["put_many"] += 1
         s += n
+        if rate:
+            ahead = started + (s - 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
         # unlocked reads: only a statistic of which bound evicted
         held = int(h.end_index) - int(h.start_index)
         if held >= cap:
