@@ -345,9 +345,12 @@ class Reader:
 
     def _interval_after(self, since_rv: int, prefix: bytes, buffer_size: int) -> Interval:
         """The events with rv > since_rv (since_rv may be 0 here: after an
-        empty snapshot, "everything")."""
+        empty snapshot, "everything").  A since_rv this cache has not reached
+        yet (one another host's cache of the same source already served) is
+        a valid resume point: the events up to it are passed over."""
+        newest = int(lib.sc_load_acquire(self._p_rv))
         index, end = self._locate(since_rv)
-        return Interval(self, since_rv, index, end, prefix, buffer_size, None)
+        return Interval(self, since_rv, index, end, prefix, buffer_size, None, ring_rv=min(since_rv, newest))
 
     def watch(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
               buffer_size: int = 100) -> Iterator[Event]:
@@ -484,7 +487,7 @@ class Interval:
     """
 
     def __init__(self, reader: Reader, rv: int, index: int, end: int, prefix: bytes,
-                 buffer_size: int, events: list[Event] | None) -> None:
+                 buffer_size: int, events: list[Event] | None, *, ring_rv: int | None = None) -> None:
         self._reader = reader
         self.resource_version = rv
         self.end_index = end
@@ -492,7 +495,9 @@ class Interval:
         self.raw_prefix = prefix
         self.buffer_size = buffer_size
         self._index = index
-        self._last_rv = rv
+        self._last_rv = rv  # of the last event served, or rv: nothing up to it is served
+        # the RV of the last record copied: the ring's RVs only increase
+        self._ring_rv = rv if ring_rv is None else ring_rv
         self._events: list[Event] = events if events is not None else []
         self._pos = 0
         self._copy: _CopyBuffer | None = None
@@ -502,7 +507,7 @@ class Interval:
         (it reuses this interval's buffer)."""
         start, end, _ = self._reader._window()
         nxt = Interval(self._reader, self._last_rv, self.end_index, end, self.raw_prefix,
-                       self.buffer_size, None)
+                       self.buffer_size, None, ring_rv=self._ring_rv)
         nxt._copy = self._copy
         if start > self.end_index:
             nxt._expired()
@@ -523,7 +528,7 @@ class Interval:
         assert filled is not None
         count, data = filled
         self._index = self._copy.next_index
-        last = self._last_rv
+        last, served = self._ring_rv, self._last_rv
         events: list[Event] = []
         append = events.append
         pos = 0
@@ -534,11 +539,14 @@ class Interval:
                 last = rv
                 mid = pos + kl
                 pos = mid + vl
+                if rv <= served:  # only after a since_rv the cache had not reached
+                    continue
                 append(_new_event(Event, (_TYPES[t], data[mid - kl:mid].decode(), data[mid:pos], rv)))
         except UnicodeDecodeError as err:
             raise CacheCorrupted(f"cache {self._reader.name!r}: a key is not UTF-8") from err
+        self._ring_rv = last
         if events:
-            self._last_rv = last
+            self._last_rv = events[-1].rv
         elif self._index >= self.end_index:
             return False
         self._events = events

@@ -180,3 +180,25 @@ def test_closed_cache_serves_buffered_events_then_raises(name: str) -> None:
             call()
     r.close()
     r.close()
+
+
+@pytest.mark.parametrize("prefix", ["", "k"])
+def test_resume_from_a_resource_version_not_reached_yet(name: str, prefix: str) -> None:
+    """A since_rv beyond the newest one (served by another host's cache of
+    the same source, which is ahead) is a resume point like any other: the
+    events up to it are passed over, those after it served, in order, by
+    interval(), its continuation and watch()."""
+    with Writer(name, capacity=64, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w, \
+            Reader(name) as r:
+        for i in range(3):
+            w.put(f"k{i}", b"old")
+        early = r.interval(10, prefix=prefix, buffer_size=2)
+        assert list(early) == []
+        watch = r.watch(10, prefix=prefix, timeout=0, buffer_size=2)
+        assert list(watch) == []
+        for i in range(3, 15):
+            w.put(f"k{i}", str(i).encode())
+        assert [e.rv for e in early.continuation()] == [11, 12, 13, 14, 15]
+        assert [(e.rv, e.value) for e in r.watch(10, prefix=prefix, timeout=0, buffer_size=3)] == \
+            [(rv, str(rv - 1).encode()) for rv in range(11, 16)]
+        assert [e.rv for e in r.interval(12, prefix=prefix)] == [13, 14, 15]
