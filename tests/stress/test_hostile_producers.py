@@ -682,7 +682,8 @@ def _fuzz(name: str, tmp_path: Path, sock: str, model: FuzzModel, counts: dict[s
                  "--max-keys", str(FUZZ_MAX_KEYS), "--store-bytes", str(FUZZ_STORE),
                  "--max-frame-bytes", str(FUZZ_FRAME), small=False) as d, Reader(name) as reader:
 
-        @settings(max_examples=scaled(200, 25000), deadline=None, database=None,
+        # soak: 26,000 streams of 1-7 frames, about 104,000 frames
+        @settings(max_examples=scaled(200, 26000), deadline=None, database=None,
                   phases=[Phase.explicit, Phase.generate, Phase.shrink],
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(st.data())
