@@ -23,6 +23,7 @@ from .exceptions import (
     LockTimeout,
     ProtocolError,
     ResourceExpired,
+    ResourceVersionTooLarge,
     ShmCacheError,
     ValueTooLarge,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ProtocolError",
     "Reader",
     "ResourceExpired",
+    "ResourceVersionTooLarge",
     "ShmCacheError",
     "Snapshot",
     "ValueTooLarge",

@@ -24,6 +24,7 @@ from .exceptions import (
     InvalidKey,
     InvalidSize,
     ResourceExpired,
+    ResourceVersionTooLarge,
 )
 
 __all__ = ["Interval", "Reader"]
@@ -35,6 +36,9 @@ _new_event = tuple.__new__
 LIST_ATTEMPTS = 8
 MAX_BUFFER_SIZE = 1 << 16
 WINDOW_ATTEMPTS = 1000
+#: seconds watch() waits for a since_rv the cache has not reached yet
+#: (Kubernetes' watch cache waits 3 s before "too large resource version")
+FRESH_WAIT = 3.0
 MAX_RV = (1 << 63) - 1
 U64_MAX = (1 << 64) - 1
 
@@ -326,7 +330,8 @@ class Reader:
         served through a local buffer of at most ``buffer_size`` events
         (Kubernetes' watchCacheInterval).  ``since_rv == 0``: one ADDED event
         per item of a consistent snapshot, each carrying the snapshot's RV.
-        ResourceExpired if the events right after ``since_rv`` are gone."""
+        ResourceExpired if the events right after ``since_rv`` are gone;
+        ResourceVersionTooLarge if the cache has not reached ``since_rv``."""
         if isinstance(since_rv, bool) or not isinstance(since_rv, int):
             raise TypeError(f"since_rv must be int, not {type(since_rv).__name__}")
         if since_rv < 0:
@@ -341,16 +346,19 @@ class Reader:
             snap = self.list(prefix)
             events = [_new_event(Event, (EventType.ADDED, i.key, i.value, snap.rv)) for i in snap.items]
             return Interval(self, snap.rv, -1, -1, raw_prefix, buffer_size, events)
+        current = int(lib.sc_load_acquire(self._p_rv))
+        if since_rv > current:
+            # the events up to since_rv are still to come: an interval after
+            # it cannot be placed (and an RV of another epoch must not make
+            # a client skip this one's events)
+            raise ResourceVersionTooLarge(since_rv, current)
         return self._interval_after(since_rv, raw_prefix, buffer_size)
 
     def _interval_after(self, since_rv: int, prefix: bytes, buffer_size: int) -> Interval:
         """The events with rv > since_rv (since_rv may be 0 here: after an
-        empty snapshot, "everything").  A since_rv this cache has not reached
-        yet (one another host's cache of the same source already served) is
-        a valid resume point: the events up to it are passed over."""
-        newest = int(lib.sc_load_acquire(self._p_rv))
+        empty snapshot, "everything")."""
         index, end = self._locate(since_rv)
-        return Interval(self, since_rv, index, end, prefix, buffer_size, None, ring_rv=min(since_rv, newest))
+        return Interval(self, since_rv, index, end, prefix, buffer_size, None)
 
     def watch(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
               buffer_size: int = 100) -> Iterator[Event]:
@@ -358,9 +366,13 @@ class Reader:
         blocks on the segment's futex (no polling) until the writer publishes
         more.  ``timeout`` bounds each wait in seconds; on expiry the iterator
         ends.  ResourceExpired when it fell behind the ring; CacheClosed when
-        the owner closed the cache."""
+        the owner closed the cache.  A ``since_rv`` the cache has not reached
+        yet is waited for, at most FRESH_WAIT seconds (and ``timeout``), then
+        ResourceVersionTooLarge."""
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise InvalidSize(f"timeout={timeout!r} must be None or >= 0 seconds")
+        if isinstance(since_rv, int) and not isinstance(since_rv, bool):
+            self._wait_for_rv(since_rv, FRESH_WAIT if timeout is None else min(timeout, FRESH_WAIT))
         interval = self.interval(since_rv, prefix=prefix, buffer_size=buffer_size)
         return self._watch(interval, timeout)
 
@@ -396,6 +408,18 @@ class Reader:
             if rc == errno.ETIMEDOUT:
                 self._check_alive()
                 return bool(lib.sc_load_acquire(self._p_end) > position)
+
+    def _wait_for_rv(self, rv: int, seconds: float) -> None:
+        """Block until the newest RV is at least ``rv``, or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        while True:
+            seq = self._p_notify[0]
+            lib.sc_fence_acquire()
+            self._check_alive()
+            left = deadline - time.monotonic()
+            if lib.sc_load_acquire(self._p_rv) >= rv or left <= 0:
+                return
+            lib.sc_futex_wait(self._p_notify, seq, int(left * 1e9))
 
     def _wait_change(self, seconds: float) -> None:
         seq = self._p_notify[0]
@@ -487,7 +511,7 @@ class Interval:
     """
 
     def __init__(self, reader: Reader, rv: int, index: int, end: int, prefix: bytes,
-                 buffer_size: int, events: list[Event] | None, *, ring_rv: int | None = None) -> None:
+                 buffer_size: int, events: list[Event] | None) -> None:
         self._reader = reader
         self.resource_version = rv
         self.end_index = end
@@ -495,9 +519,7 @@ class Interval:
         self.raw_prefix = prefix
         self.buffer_size = buffer_size
         self._index = index
-        self._last_rv = rv  # of the last event served, or rv: nothing up to it is served
-        # the RV of the last record copied: the ring's RVs only increase
-        self._ring_rv = rv if ring_rv is None else ring_rv
+        self._last_rv = rv
         self._events: list[Event] = events if events is not None else []
         self._pos = 0
         self._copy: _CopyBuffer | None = None
@@ -507,7 +529,7 @@ class Interval:
         (it reuses this interval's buffer)."""
         start, end, _ = self._reader._window()
         nxt = Interval(self._reader, self._last_rv, self.end_index, end, self.raw_prefix,
-                       self.buffer_size, None, ring_rv=self._ring_rv)
+                       self.buffer_size, None)
         nxt._copy = self._copy
         if start > self.end_index:
             nxt._expired()
@@ -528,7 +550,7 @@ class Interval:
         assert filled is not None
         count, data = filled
         self._index = self._copy.next_index
-        last, served = self._ring_rv, self._last_rv
+        last = self._last_rv
         events: list[Event] = []
         append = events.append
         pos = 0
@@ -539,14 +561,11 @@ class Interval:
                 last = rv
                 mid = pos + kl
                 pos = mid + vl
-                if rv <= served:  # only after a since_rv the cache had not reached
-                    continue
                 append(_new_event(Event, (_TYPES[t], data[mid - kl:mid].decode(), data[mid:pos], rv)))
         except UnicodeDecodeError as err:
             raise CacheCorrupted(f"cache {self._reader.name!r}: a key is not UTF-8") from err
-        self._ring_rv = last
         if events:
-            self._last_rv = events[-1].rv
+            self._last_rv = last
         elif self._index >= self.end_index:
             return False
         self._events = events

@@ -72,6 +72,23 @@ class ResourceExpired(ShmCacheError):
         )
 
 
+class ResourceVersionTooLarge(ShmCacheError):
+    """The requested resource version is newer than any this cache has
+    published (Kubernetes' "too large resource version"; ``watch()`` first
+    waits up to 3 seconds for the cache to reach it).  It comes from another cache of
+    the same source that is ahead — retry shortly — or from another epoch of
+    this cache — list again.
+
+    ``requested_rv`` is the resource version asked for; ``current_rv`` the
+    cache's newest at the time.
+    """
+
+    def __init__(self, requested_rv: int, current_rv: int) -> None:
+        super().__init__(f"too large resource version: {requested_rv} (current {current_rv})")
+        self.requested_rv = requested_rv
+        self.current_rv = current_rv
+
+
 class LockTimeout(ShmCacheError, TimeoutError):
     """The writers' lock stayed held by a live process for ``lock_timeout``."""
 

@@ -3,6 +3,9 @@ oldest_resource_version, prefixes, big values, closing."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from shmcache import (
@@ -13,6 +16,7 @@ from shmcache import (
     Item,
     Reader,
     ResourceExpired,
+    ResourceVersionTooLarge,
     Writer,
 )
 
@@ -21,7 +25,8 @@ def test_oldest_resource_version_cases(name: str) -> None:
     with Writer(name, capacity=3, arena_bytes=4096, max_keys=8, store_bytes=4096) as w, \
             Reader(name) as r:
         assert r.oldest_resource_version == 0  # never held an event
-        assert list(r.interval(5)) == []  # newer than current: empty
+        with pytest.raises(ResourceVersionTooLarge, match=r"too large resource version: 5 \(current 0\)"):
+            r.interval(5)  # not reached yet
         w.put("a", b"1", rv=10)
         assert r.oldest_resource_version == 10
         w.put("b", b"2", rv=20)
@@ -183,22 +188,31 @@ def test_closed_cache_serves_buffered_events_then_raises(name: str) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["", "k"])
-def test_resume_from_a_resource_version_not_reached_yet(name: str, prefix: str) -> None:
-    """A since_rv beyond the newest one (served by another host's cache of
-    the same source, which is ahead) is a resume point like any other: the
-    events up to it are passed over, those after it served, in order, by
-    interval(), its continuation and watch()."""
+def test_resource_version_not_reached_yet(name: str, prefix: str) -> None:
+    """A since_rv the cache has not reached (another host's cache of the
+    same source is ahead, or the client kept an RV of another epoch) is
+    Kubernetes' "too large resource version": interval() refuses it at
+    once; watch() waits for the cache to reach it (at most FRESH_WAIT and
+    its timeout) and then serves exactly the events after it."""
     with Writer(name, capacity=64, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w, \
             Reader(name) as r:
         for i in range(3):
             w.put(f"k{i}", b"old")
-        early = r.interval(10, prefix=prefix, buffer_size=2)
-        assert list(early) == []
-        watch = r.watch(10, prefix=prefix, timeout=0, buffer_size=2)
-        assert list(watch) == []
-        for i in range(3, 15):
-            w.put(f"k{i}", str(i).encode())
-        assert [e.rv for e in early.continuation()] == [11, 12, 13, 14, 15]
-        assert [(e.rv, e.value) for e in r.watch(10, prefix=prefix, timeout=0, buffer_size=3)] == \
-            [(rv, str(rv - 1).encode()) for rv in range(11, 16)]
-        assert [e.rv for e in r.interval(12, prefix=prefix)] == [13, 14, 15]
+        with pytest.raises(ResourceVersionTooLarge) as info:
+            r.interval(10, prefix=prefix)
+        assert (info.value.requested_rv, info.value.current_rv) == (10, 3)
+        with pytest.raises(ResourceVersionTooLarge):
+            list(r.watch(10, prefix=prefix, timeout=0.05))
+
+        def catch_up() -> None:
+            time.sleep(0.1)
+            for i in range(3, 15):
+                w.put(f"k{i}", str(i).encode())
+
+        writer = threading.Thread(target=catch_up)
+        writer.start()
+        try:
+            got = [(e.rv, e.value) for e in r.watch(10, prefix=prefix, timeout=2.0, buffer_size=3)]
+        finally:
+            writer.join()
+        assert got == [(rv, str(rv - 1).encode()) for rv in range(11, 16)]

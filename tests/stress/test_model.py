@@ -39,6 +39,7 @@ from shmcache import (
     Item,
     Reader,
     ResourceExpired,
+    ResourceVersionTooLarge,
     Snapshot,
     ValueTooLarge,
     Writer,
@@ -216,9 +217,12 @@ class Model:
         return sorted(Item(k, v, rv) for k, (v, rv) in self.store.items() if k.startswith(prefix))
 
     def interval(self, since: int, prefix: str = "") -> list[Event]:
-        """The events interval(since) serves; Rejected(ResourceExpired) when too old."""
+        """The events interval(since) serves; Rejected(ResourceExpired) when
+        too old, Rejected(ResourceVersionTooLarge) when not reached yet."""
         if since == 0:
             return [Event(EventType.ADDED, i.key, i.value, self.rv) for i in self.items(prefix)]
+        if since > self.rv:
+            raise Rejected(ResourceVersionTooLarge)
         oldest = self.oldest
         if oldest and since < oldest - 1:
             raise Rejected(ResourceExpired)
@@ -376,8 +380,8 @@ class WatchCacheMachine(RuleBasedStateMachine):
         buffer_size = data.draw(st.integers(1, 3))
         try:
             want = self.model.interval(since, prefix)
-        except Rejected:
-            with pytest.raises(ResourceExpired):
+        except Rejected as no:
+            with pytest.raises(no.allowed):
                 list(self.r.watch(since, prefix=prefix, timeout=0, buffer_size=buffer_size))
             return
         assert list(self.r.watch(since, prefix=prefix, timeout=0, buffer_size=buffer_size)) == want
@@ -451,7 +455,11 @@ class WatchCacheMachine(RuleBasedStateMachine):
             buffer_size = since % 3 + 1
             try:
                 want = model.interval(since, prefix)
-            except Rejected:
+            except Rejected as no:
+                if no.allowed == (ResourceVersionTooLarge,):
+                    with pytest.raises(ResourceVersionTooLarge, match=f"too large resource version: {since} "):
+                        self.r.interval(since, prefix=prefix, buffer_size=buffer_size)
+                    continue
                 with pytest.raises(ResourceExpired) as err:
                     self.r.interval(since, prefix=prefix, buffer_size=buffer_size)
                 oldest = model.oldest
