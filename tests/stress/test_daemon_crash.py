@@ -34,9 +34,10 @@ from ..test_daemon import _copy_segment
 
 #: ``PRODUCER socket tag stop_file``: puts key TAG/I = b"TAG/I" (a new I for
 #: every attempt) through a Producer(timeout=5) until the stop file exists;
-#: prints {"ack": [key, rv]} per acknowledged put, {"error": kind} per
-#: DaemonUnavailable/CacheClosed (then a fresh Producer after 50 ms), and
-#: {"end": errors} last.  Any other exception kills it.
+#: prints {"ack": [key, rv]} per acknowledged put, {"error": kind, "connect":
+#: bool} per DaemonUnavailable/CacheClosed (then a fresh Producer after 50 ms;
+#: "connect": the Producer could not even connect), and {"end": errors} last.
+#: Any other exception kills it.
 PRODUCER = """
     import json, os, sys, time
     from shmcache import CacheClosed, DaemonUnavailable, Producer
@@ -44,16 +45,18 @@ PRODUCER = """
     i = errors = 0
     p = None
     while not os.path.exists(stop):
+        connecting = p is None
         try:
             if p is None:
                 p = Producer(sock, timeout=5)
+                connecting = False
             key = f"{tag}/{i}"
             i += 1
             rv = p.put(key, key.encode())
             print(json.dumps({"ack": [key, rv]}), flush=True)
         except (DaemonUnavailable, CacheClosed) as err:
             errors += 1
-            print(json.dumps({"error": type(err).__name__}), flush=True)
+            print(json.dumps({"error": type(err).__name__, "connect": connecting}), flush=True)
             if p is not None:
                 p.close()
                 p = None
@@ -69,12 +72,17 @@ SIZES = ("--capacity", "4096", "--arena-bytes", str(1 << 20), "--max-keys", "327
 #: A watcher that, like a Kubernetes client, relists (resumes from the newest
 #: RV) whenever it falls behind the ring under the producers' load, so that
 #: it is still watching when the daemon dies; prints {"ready": epoch} first
-#: and {"end": "CacheClosed" | "timeout"} last.
+#: and {"end": "CacheClosed" | "timeout"} last.  It starts from ``since``, or
+#: from the cache's current RV if that is older: an RV the cache has not
+#: reached yet (round 0's cache may still be empty when the watcher starts) is
+#: no resume point — shmcache accepts such a watch, then raises CacheCorrupted
+#: ("resource versions go backwards") when the events up to that RV arrive.
 WATCHER = """
     import json, sys
     from shmcache import CacheClosed, Reader, ResourceExpired
     name, since, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     reader = Reader(name)
+    since = min(since, reader.resource_version)
     print(json.dumps({"ready": reader.epoch}), flush=True)
     end = "timeout"
     while True:
@@ -102,6 +110,8 @@ class Producing:
     proc: LineChild
     acks: list[tuple[str, int]] = field(default_factory=list)
     errors: int = 0
+    #: errors of a Producer that could not connect: no daemon listens
+    refused: int = 0
     #: acks since the last error; cleared by the test at each phase
     since_error: list[tuple[str, int]] = field(default_factory=list)
 
@@ -123,6 +133,7 @@ class Producing:
             else:
                 assert "error" in msg, msg
                 self.errors += 1
+                self.refused += bool(msg["connect"])
                 self.since_error = []
 
     def finish(self) -> int:
@@ -185,9 +196,13 @@ def test_daemon_sigkill_restart_under_producer_load(name: str, tmp_path: Path, r
                     p.since_error = []
                 pump_until(ps, "every producer is acknowledged", lambda p: len(p.since_error) >= 20)
                 assert d.stop(signal.SIGKILL) == -signal.SIGKILL
-                errors_before = [p.errors for p in ps]
+                # A refused connection is the proof that a producer saw the daemon
+                # down (an error still queued from before the kill, e.g. a put
+                # timed out under load, is not): every ack it printed before that
+                # came from the killed daemon, and no later one can.
+                refused_before = [p.refused for p in ps]
                 pump_until(ps, "every producer sees the daemon down",
-                           lambda p: p.errors > errors_before[ps.index(p)])
+                           lambda p: p.refused > refused_before[ps.index(p)])
                 # the killed daemon's segment stays readable: every acknowledged put is there
                 epoch_acks = [a for p in ps for a in p.acks if a[0] not in seen]
                 assert_in(reader, epoch_acks, f"round {rnd}, after SIGKILL")
