@@ -121,7 +121,9 @@ class Reader:
     def oldest_resource_version(self) -> int:
         """The effective oldest resource version: that of the oldest event
         still held, except right after a replace at r with no eviction since,
-        where it is r + 1; 0 for a ring that never held an event."""
+        where it is r + 1, and for an empty ring after events at up to rv
+        (a writer died making room), where it is rv + 1; 0 for a ring that
+        never held an event."""
         self._check_alive()
         return self._window()[2]
 
@@ -140,9 +142,14 @@ class Reader:
             elif start < end:
                 oldest = int(self._slots[start % cap].rv)
             else:
-                oldest = 0
+                # Empty although events were published: a writer evicted
+                # them all to make room for one it died before publishing.
+                # Nothing up to rv is held any more.
+                newest = int(lib.sc_load_acquire(self._p_rv))
+                oldest = newest + 1 if newest else 0
             lib.sc_fence_acquire()
-            if lib.sc_load_acquire(self._p_start) == start and lib.sc_load_acquire(self._p_rep_rv) == rep_rv:
+            if (lib.sc_load_acquire(self._p_start) == start and lib.sc_load_acquire(self._p_rep_rv) == rep_rv
+                    and lib.sc_load_acquire(self._p_end) == end):
                 return start, end, oldest
         raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
 

@@ -445,7 +445,8 @@ def hold_lock(name: str, then: str) -> None:
     """Take the writers' lock as a put would, maybe leave a change half done
     (``ring_*``: the event at rv 3 is published in the ring but the store
     does not have it; ``store_behind``: the store has it too but store_rv
-    was not advanced), then stop (and release after SIGCONT), sleep, or exit
+    was not advanced; ``evict_all``: every event evicted to make room for
+    one never published), then stop (and release after SIGCONT), sleep, or exit
     holding the lock."""
     w = Writer(name, create=False)
     with Reader(name) as r:
@@ -470,6 +471,14 @@ def hold_lock(name: str, then: str) -> None:
         apply(lib.SC_ADDED, "victim", old["victim"].value, old["victim"].rv, 0)
     elif then == "store_behind":
         apply(lib.SC_ADDED, "half", make_value("half", rv), rv, lib.SC_APPLY_RING)
+    elif then == "evict_all":
+        # ring_append's eviction for an event that needs the whole arena,
+        # and the holder dies before it writes and publishes that event
+        h = w._map.header
+        end = int(h.end_index)
+        h.events_evicted += end - int(h.start_index)
+        lib.sc_store_release(w._map.field("start_index"), end)
+        lib.sc_fence_release()
     emit("held", rv)
     if then == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -25,6 +25,7 @@ from shmcache import (
     Item,
     LockTimeout,
     Reader,
+    ResourceExpired,
     Writer,
 )
 
@@ -267,3 +268,41 @@ def test_dead_lock_holder_is_recovered(name: str, then: str, report: Report) -> 
         for key in keys:  # get() reads the repaired store
             assert r.get(key) == (Item(key, *expect[key]) if key in expect else None), key
         assert other.put("k", make_value("k", 9)) == newest + 2
+
+
+def test_writer_dead_after_evicting_the_whole_window(name: str, report: Report) -> None:
+    """A writer makes room for an event that needs the whole arena — it
+    evicts every event (start_index = end_index) — and dies before it
+    publishes that event: the window is empty although rv > 0.  Readers must
+    take everything up to rv as gone (ResourceExpired for an older since_rv,
+    never an empty interval that would skip those events silently), the
+    store still answers, and the next writer's event follows rv."""
+    with ExitStack() as stack:
+        w = stack.enter_context(small_writer(name, capacity=16, arena_bytes=4096))
+        for i in range(5):
+            w.put(f"k{i}", make_value(f"k{i}", i + 1))
+        r = stack.enter_context(Reader(name))
+        old = r.interval(2, buffer_size=1)
+        first = old.next()
+        assert first is not None and first.rv == 3
+        before = r.list()
+        child = stack.enter_context(spawn("hold_lock", {"name": name, "then": "evict_all"}))
+        assert child.expect("held") == "held 6"
+        assert child.wait() == 3
+        assert r.oldest_resource_version == 6 and r.resource_version == 5
+        with pytest.raises(ResourceExpired, match=r"too old resource version: 2 \(5\)"):
+            r.interval(2)
+        with pytest.raises(ResourceExpired):
+            list(old)  # its next refill finds its events evicted
+        assert r.list() == before  # the store does not depend on the ring
+        assert list(r.interval(5)) == []  # nothing after rv 5 yet: nothing skipped
+        follow = r.interval(5)
+        other = stack.enter_context(Writer(name, create=False, lock_timeout=0.5))
+        assert other.put("after", b"a") == 6
+        assert lock_recoveries(r) == 1
+        assert [e.rv for e in follow.continuation()] == [6]
+        assert r.oldest_resource_version == 6
+        with pytest.raises(ResourceExpired):
+            r.interval(4)
+    report(checked="a writer dead after evicting the whole window: everything up to rv is expired for readers, "
+                   "never an empty interval; the next writer's event follows", events=6, faults=1, failures=0)
