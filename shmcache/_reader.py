@@ -353,12 +353,13 @@ class Reader:
             snap = self.list(prefix)
             events = [_new_event(Event, (EventType.ADDED, i.key, i.value, snap.rv)) for i in snap.items]
             return Interval(self, snap.rv, -1, -1, raw_prefix, buffer_size, events)
-        current = int(lib.sc_load_acquire(self._p_rv))
-        if since_rv > current:
-            # the events up to since_rv are still to come: an interval after
-            # it cannot be placed (and an RV of another epoch must not make
-            # a client skip this one's events)
-            raise ResourceVersionTooLarge(since_rv, current)
+        if since_rv > int(lib.sc_load_acquire(self._p_rv)):
+            current = self._newest_rv()
+            if since_rv > current:
+                # the events up to since_rv are still to come: an interval
+                # after it cannot be placed (and an RV of another epoch must
+                # not make a client skip this one's events)
+                raise ResourceVersionTooLarge(since_rv, current)
         return self._interval_after(since_rv, raw_prefix, buffer_size)
 
     def _interval_after(self, since_rv: int, prefix: bytes, buffer_size: int) -> Interval:
@@ -416,6 +417,19 @@ class Reader:
                 self._check_alive()
                 return bool(lib.sc_load_acquire(self._p_end) > position)
 
+    def _newest_rv(self) -> int:
+        """The newest published RV.  A writer publishes an event (end_index)
+        just before it stores the header's rv, so a reader may hold an event
+        newer than that rv: the newest slot's RV counts too."""
+        rv = int(lib.sc_load_acquire(self._p_rv))
+        start, end, _ = self._window()
+        if end > start:
+            last = int(self._slots[(end - 1) % self.geometry.capacity].rv)
+            lib.sc_fence_acquire()
+            if lib.sc_load_acquire(self._p_start) < end:  # the slot was not reused while read
+                rv = max(rv, last)
+        return rv
+
     def _wait_for_rv(self, rv: int, seconds: float) -> None:
         """Block until the newest RV is at least ``rv``, or ``seconds`` passed."""
         deadline = time.monotonic() + seconds
@@ -424,7 +438,7 @@ class Reader:
             lib.sc_fence_acquire()
             self._check_alive()
             left = deadline - time.monotonic()
-            if lib.sc_load_acquire(self._p_rv) >= rv or left <= 0:
+            if lib.sc_load_acquire(self._p_rv) >= rv or left <= 0 or self._newest_rv() >= rv:
                 return
             lib.sc_futex_wait(self._p_notify, seq, int(left * 1e9))
 

@@ -19,6 +19,7 @@ from shmcache import (
     ResourceVersionTooLarge,
     Writer,
 )
+from shmcache._native import lib
 
 
 def test_oldest_resource_version_cases(name: str) -> None:
@@ -216,3 +217,23 @@ def test_resource_version_not_reached_yet(name: str, prefix: str) -> None:
         finally:
             writer.join()
         assert got == [(rv, str(rv - 1).encode()) for rv in range(11, 16)]
+
+
+def test_an_event_published_before_the_header_rv_is_not_too_large(name: str) -> None:
+    """A writer publishes an event (end_index) just before it stores the
+    header's rv: a reader that already got the event resumes from its RV in
+    that instant, which must not be "too large"."""
+    with Writer(name, capacity=8, arena_bytes=4096, max_keys=8, store_bytes=4096) as w, \
+            Reader(name) as r:
+        for i in range(3):
+            w.put(f"k{i}", b"v")
+        rv_field = w._map.field("rv")
+        lib.sc_store_release(rv_field, 2)  # the instant between the writer's two stores
+        try:
+            assert [e.rv for e in r.interval(2)] == [3]
+            assert list(r.interval(3)) == []
+            assert list(r.watch(3, timeout=0)) == []
+            with pytest.raises(ResourceVersionTooLarge, match=r"\(current 3\)"):
+                r.interval(4)
+        finally:
+            lib.sc_store_release(rv_field, 3)
