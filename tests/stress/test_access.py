@@ -498,8 +498,9 @@ def test_group_member_produces_only_if_peer_credentials_allow(
 
 #: run shmcached (argv after the code) as uid/gid OWNER with no supplementary group; it is
 #: imported first, as root: the interpreter's own files need not be readable by OWNER
+#: (shutil: argparse imports it only when it formats, which is after the switch)
 AS_OWNER = [sys.executable, "-c",
-            f"import os, sys, shmcached; os.setgroups([]); os.setgid({OWNER}); os.setuid({OWNER}); "
+            f"import os, shutil, sys, shmcached; os.setgroups([]); os.setgid({OWNER}); os.setuid({OWNER}); "
             "sys.exit(shmcached.main())"]
 
 
