@@ -216,9 +216,7 @@ class Reader:
             if isinstance(result, Snapshot):
                 return result
             reason = result
-            if self._h.op_state == lib.SC_OP_COMMITTING:
-                # a replace is being switched in: wait for it, do not spin
-                reason = "a replace() was being committed"
+            if self._h.op_state == lib.SC_OP_COMMITTING:  # wait for the switch, do not spin
                 self._wait_change(0.05 * (attempt + 1))
         raise ResourceExpired(
             f"list() found no consistent snapshot in {LIST_ATTEMPTS} attempts: {reason}",
@@ -438,7 +436,7 @@ class Reader:
             lib.sc_fence_acquire()
             self._check_alive()
             left = deadline - time.monotonic()
-            if lib.sc_load_acquire(self._p_rv) >= rv or left <= 0 or self._newest_rv() >= rv:
+            if left <= 0 or self._newest_rv() >= rv:
                 return
             lib.sc_futex_wait(self._p_notify, seq, int(left * 1e9))
 
