@@ -476,6 +476,90 @@ int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uin
     return rc < 0 ? rc : new_rv;
 }
 
+/* The dry run of a put_many batch, in order, before anything is written: a
+ * delete of a key absent by then (SC_NOTFOUND), a key beyond max_keys
+ * (SC_FULL_KEYS) or records beyond store_bytes (SC_FULL_BYTES) at
+ * *out_index, else SC_OK.  A key seen earlier in the batch counts as that
+ * step left it, so the store is probed once per distinct key.  SC_CORRUPT if
+ * the ops overrun the blob; SC_NOMEM if the scratch table cannot be had. */
+int sc_batch_check(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
+                   const struct sc_batch_op *ops, uint32_t count, uint64_t max_keys,
+                   uint64_t store_bytes, uint32_t *out_index)
+{
+    struct seen {
+        uint64_t hash;
+        const uint8_t *key; /* NULL: a free entry */
+        uint32_t key_len;
+        int64_t size;       /* the key's record size after the steps so far; -1 absent */
+    } *seen;
+    uint64_t slots = 16;
+    while (slots < 2 * (uint64_t)count)
+        slots <<= 1;
+    seen = calloc(slots, sizeof *seen);
+    if (seen == NULL)
+        return SC_NOMEM;
+    struct sc_header *h = hdr(L);
+    int64_t live_keys = (int64_t)h->live_keys, live_bytes = (int64_t)h->live_bytes;
+    uint64_t pos = 0;
+    int rc = SC_OK;
+    uint32_t i;
+    for (i = 0; i < count; i++) {
+        uint32_t kl = ops[i].key_len;
+        uint64_t vl = ops[i].is_delete ? 0 : ops[i].value_len;
+        if (kl == 0 || kl > SC_MAX_KEY_BYTES || kl + vl > blob_len - pos || pos > blob_len) {
+            rc = SC_CORRUPT;
+            break;
+        }
+        const uint8_t *key = blob + pos;
+        uint64_t hash = sc_hash(L->hash_seed, key, kl), j = hash & (slots - 1);
+        while (seen[j].key != NULL
+               && !(seen[j].hash == hash && seen[j].key_len == kl && memcmp(seen[j].key, key, kl) == 0))
+            j = (j + 1) & (slots - 1);
+        if (seen[j].key == NULL) {
+            int64_t free_at, e = probe(L, key, kl, hash, &free_at);
+            seen[j].size = -1;
+            if (e >= 0) {
+                struct sc_record r;
+                read_record(L, active_table(L)[e].ptr - 1, &r);
+                seen[j].size = (int64_t)sc_record_size(r.key_len, r.value_len);
+            }
+            seen[j].hash = hash;
+            seen[j].key = key;
+            seen[j].key_len = kl;
+        }
+        int64_t old = seen[j].size;
+        if (ops[i].is_delete) {
+            if (old < 0) {
+                rc = SC_NOTFOUND;
+                break;
+            }
+            live_keys--;
+            live_bytes -= old;
+            seen[j].size = -1;
+        } else {
+            int64_t size = (int64_t)sc_record_size(kl, (uint32_t)vl);
+            if (old < 0)
+                live_keys++;
+            else
+                live_bytes -= old;
+            live_bytes += size;
+            if (live_keys > (int64_t)max_keys) {
+                rc = SC_FULL_KEYS;
+                break;
+            }
+            if (live_bytes > (int64_t)store_bytes) {
+                rc = SC_FULL_BYTES;
+                break;
+            }
+            seen[j].size = size;
+        }
+        pos += kl + vl;
+    }
+    free(seen);
+    *out_index = i;
+    return rc;
+}
+
 /* A validated batch (put_many): event i gets first_rv + i.  Returns the last
  * rv, or a negative SC_* code after applying the events before the failing
  * one (which only a corrupt segment or a wrong blob can cause). */

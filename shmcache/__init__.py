@@ -7,7 +7,7 @@ bounded ring; readers map the segment read-only and, without any lock,
 
 from ._events import Event, EventType, Item, Snapshot
 from ._producer import Producer, default_socket_path
-from ._reader import Interval, Reader
+from ._reader import Interval, RawBatch, Reader
 from ._writer import Writer
 from .exceptions import (
     CacheClosed,
@@ -46,6 +46,7 @@ __all__ = [
     "LockTimeout",
     "Producer",
     "ProtocolError",
+    "RawBatch",
     "Reader",
     "ResourceExpired",
     "ResourceVersionTooLarge",

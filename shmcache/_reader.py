@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from . import _codec
 from ._events import Event, EventType, Item, Snapshot
 from ._layout import MAX_KEY_BYTES, check_name, open_segment
 from ._native import ffi, lib
@@ -27,12 +28,14 @@ from .exceptions import (
     ResourceVersionTooLarge,
 )
 
-__all__ = ["Interval", "Reader"]
+__all__ = ["Interval", "RawBatch", "Reader"]
 
 _META = struct.Struct("<QIIII")
-_SCAN_ITEM = struct.Struct("<QII")
 _TYPES = (None, EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
+_EVENT_TYPES = (EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
 _new_event = tuple.__new__
+#: copy buffers are written before they are read: zeroing them is wasted
+_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 LIST_ATTEMPTS = 8
 MAX_BUFFER_SIZE = 1 << 16
 WINDOW_ATTEMPTS = 1000
@@ -256,12 +259,11 @@ class Reader:
             if replayed != r1:
                 return f"the ring did not hold the events up to resource version {r1}"
         try:
-            out = [Item(k.decode(), v, rv) for k, (v, rv) in items.items()]
+            out, newest = _codec.items_sorted(items, Item)
         except UnicodeDecodeError as err:
             raise CacheCorrupted(f"cache {self.name!r}: a key is not UTF-8") from err
-        if any(item.rv > r1 for item in out):
+        if newest > r1:
             return "the store moved past the snapshot's resource version"
-        out.sort()
         return Snapshot(r1, out)
 
     def _scan_store(self, gen: int, prefix: bytes) -> dict[bytes, tuple[bytes, int]] | None:
@@ -284,13 +286,10 @@ class Reader:
                 continue
             if rc != lib.SC_OK:
                 raise CacheCorrupted(f"cache {self.name!r}: the store holds an impossible record")
-            data = ffi.buffer(buf, used[0])[:]
-            pos = 0
-            for _ in range(count[0]):
-                rv, kl, vl = _SCAN_ITEM.unpack_from(data, pos)
-                pos += 16
-                items[data[pos:pos + kl]] = (data[pos + kl:pos + kl + vl], rv)
-                pos += kl + vl
+            try:
+                _codec.decode_scan(ffi.buffer(buf, used[0]), count[0], items)
+            except ValueError as err:
+                raise CacheCorrupted(f"cache {self.name!r}: {err}") from err
         return items
 
     # ---- the ring ----------------------------------------------------------
@@ -469,7 +468,9 @@ class Reader:
 
 class _CopyBuffer:
     """An interval's local buffer: metadata and payload of at most
-    ``max_events`` events, grown (up to one arena) only for a big event."""
+    ``max_events`` events.  The payload part starts at 64 bytes an event and
+    doubles (up to one arena) when max_events events of the sizes met do
+    not fit, or one event alone does not."""
 
     def __init__(self, max_events: int, arena_bytes: int) -> None:
         self.max_events = max_events
@@ -477,16 +478,22 @@ class _CopyBuffer:
         self._meta = bytearray(max_events * _META.size)
         self._meta_c = ffi.from_buffer("struct sc_event_meta[]", self._meta)
         self._cap = min(max(64 * max_events, 4096), arena_bytes)
-        self._data: Any = ffi.new("uint8_t[]", self._cap)
+        self._data: Any = _new_uncleared("uint8_t[]", self._cap)
         self._out = ffi.new("uint64_t[3]")
         self._count = ffi.new("uint32_t *")
+        self._grow = 0  # the payload size of the next fill, if it must grow
         self.next_index = 0
 
-    def fill(self, reader: Reader, index: int, end: int, prefix: bytes) -> tuple[int, bytes] | None:
-        """Copy the next events at [index, end): returns (count, payload)
-        with the metadata in ``records()``, or None if the copy was
-        invalidated (startIndex passed index).  Sets next_index."""
+    def fill(self, reader: Reader, index: int, end: int, prefix: bytes) -> tuple[int, Any] | None:
+        """Copy the next events at [index, end): returns (count, payload: a
+        buffer of this object's memory, valid until the next fill) with the
+        metadata in ``meta()``, or None if the copy was invalidated
+        (startIndex passed index).  Sets next_index."""
         out, count = self._out, self._count
+        if self._grow:
+            self._cap = self._grow
+            self._data = _new_uncleared("uint8_t[]", self._cap)
+            self._grow = 0
         while True:
             reader._check_alive()
             rc = lib.sc_ring_copy(reader._layout, index, end, self.max_events, prefix, len(prefix),
@@ -498,25 +505,75 @@ class _CopyBuffer:
                 if need > self._arena_bytes:
                     raise CacheCorrupted(f"cache {reader.name!r}: an event claims {need} bytes")
                 self._cap = max(need, min(2 * self._cap, self._arena_bytes))
-                self._data = ffi.new("uint8_t[]", self._cap)
+                self._data = _new_uncleared("uint8_t[]", self._cap)
                 continue
             if rc != lib.SC_OK:
                 raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {out[0]}")
             break
         self.next_index = int(out[0])
-        return count[0], ffi.buffer(self._data, out[1])[:]
+        if count[0] < self.max_events and out[0] < end and self._cap < self._arena_bytes:
+            # stopped by bytes, not by count: size the next fill for max_events
+            # events of this size (so the buffer stays O(max_events)); grown
+            # at the next fill, the caller still reads this one
+            per_event = -(-int(out[1]) // max(count[0], 1))
+            self._grow = min(self._arena_bytes, max(2 * self._cap, per_event * self.max_events * 5 // 4))
+        return count[0], ffi.buffer(self._data, out[1])
 
-    def records(self, count: int) -> Iterator[tuple[int, int, int, int, int]]:
-        """(rv, type, key_len, value_len, 0) of the events of the last fill."""
-        return _META.iter_unpack(memoryview(self._meta)[: count * _META.size])
+    def meta(self, count: int) -> memoryview:
+        """The metadata records of the last fill's ``count`` events."""
+        return memoryview(self._meta)[: count * _META.size]
 
-    def raw_events(self, count: int, data: bytes) -> list[tuple[int, bytes, bytes, int]]:
+    def raw_events(self, count: int, data: Any) -> list[tuple[int, bytes, bytes, int]]:
         result = []
         pos = 0
-        for rv, t, kl, vl, _ in self.records(count):
+        for rv, t, kl, vl, _ in _META.iter_unpack(self.meta(count)):
             result.append((t, data[pos:pos + kl], data[pos + kl:pos + kl + vl], rv))
             pos += kl + vl
         return result
+
+
+class RawBatch:
+    """Events as copied from the ring, undecoded: ``count`` metadata records
+    in ``meta`` — 24 bytes each, little-endian ``rv`` u64, ``type`` u32
+    (EventType), ``key_len`` u32, ``value_len`` u32, 4 reserved bytes — and
+    the events' UTF-8 keys and values back to back, in order, in ``data``.
+    ``last_rv`` is the RV of the last event.  Both views point into the
+    interval's local buffer, which the next refill overwrites: copy what you
+    keep (``bytes(batch.data)``, or ``events()``).  Keys are not decoded, so
+    not checked to be UTF-8 either."""
+
+    __slots__ = ("count", "data", "last_rv", "meta")
+
+    def __init__(self, count: int, meta: memoryview, data: memoryview, last_rv: int) -> None:
+        self.count = count
+        self.meta = meta
+        self.data = data
+        self.last_rv = last_rv
+
+    @classmethod
+    def of_events(cls, events: list[Event]) -> RawBatch:
+        meta = b"".join(_META.pack(e.rv, e.type, len(k), len(e.value), 0)
+                        for e, k in zip(events, (e.key.encode() for e in events)))
+        data = b"".join(e.key.encode() + e.value for e in events)
+        return cls(len(events), memoryview(meta), memoryview(data), events[-1].rv)
+
+    def records(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """(rv, type, key_len, value_len, 0) of each event."""
+        return _META.iter_unpack(self.meta)
+
+    def events(self) -> list[Event]:
+        """The batch as Event objects (keys decoded: CacheCorrupted if one is
+        not UTF-8)."""
+        try:
+            return _codec.decode_events(self.meta, self.data, self.count, 0, Event, _EVENT_TYPES)
+        except ValueError as err:
+            raise CacheCorrupted(f"a raw batch does not decode: {err}") from err
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"<RawBatch of {self.count} events up to rv {self.last_rv}, {len(self.data)} bytes>"
 
 
 class Interval:
@@ -558,38 +615,67 @@ class Interval:
         oldest = self._reader._window()[2]
         raise ResourceExpired.too_old(self._last_rv, oldest)
 
-    def _refill(self) -> bool:
+    def _fill(self) -> tuple[int, Any] | None:
+        """The next copy of at most buffer_size events into the local
+        buffer: (count, payload), or None when the interval is drained.
+        ResourceExpired if the writer overtook the copy."""
         if self._index < 0 or self._index >= self.end_index:
-            return False
+            return None
         if self._copy is None:
             self._copy = _CopyBuffer(self.buffer_size, self._reader.geometry.arena_bytes)
         filled = self._copy.fill(self._reader, self._index, self.end_index, self.raw_prefix)
         if filled is None:
             self._expired()
         assert filled is not None
-        count, data = filled
         self._index = self._copy.next_index
-        last = self._last_rv
-        events: list[Event] = []
-        append = events.append
-        pos = 0
+        return filled
+
+    def _refill(self) -> bool:
+        while True:
+            filled = self._fill()
+            if filled is None:
+                return False
+            count, data = filled
+            if count:
+                break
+            # a prefix interval may copy nothing from a stretch of other keys
+        assert self._copy is not None
         try:
-            for rv, t, kl, vl, _ in self._copy.records(count):
-                if rv <= last:
-                    raise CacheCorrupted(f"cache {self._reader.name!r}: resource versions go backwards")
-                last = rv
-                mid = pos + kl
-                pos = mid + vl
-                append(_new_event(Event, (_TYPES[t], data[mid - kl:mid].decode(), data[mid:pos], rv)))
-        except UnicodeDecodeError as err:
-            raise CacheCorrupted(f"cache {self._reader.name!r}: a key is not UTF-8") from err
-        if events:
-            self._last_rv = last
-        elif self._index >= self.end_index:
-            return False
+            events = _codec.decode_events(self._copy.meta(count), data, count, self._last_rv, Event,
+                                          _EVENT_TYPES)
+        except ValueError as err:  # UnicodeDecodeError included
+            raise CacheCorrupted(f"cache {self._reader.name!r}: {err}") from err
+        self._last_rv = events[-1].rv
         self._events = events
         self._pos = 0
         return True
+
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """The interval's events as the ring holds them, one RawBatch per
+        refill of the local buffer: no Python object per event.  Each
+        batch's views are valid until the next one is requested.  Events
+        already decoded (a partly consumed buffer, a snapshot) come first, in
+        a batch of their own; mixing with ``next()`` afterwards is fine."""
+        if self._pos < len(self._events):
+            rest = self._events[self._pos:]
+            self._pos = len(self._events)
+            yield RawBatch.of_events(rest)
+        while True:
+            filled = self._fill()
+            if filled is None:
+                return
+            count, data = filled
+            if not count:
+                continue
+            assert self._copy is not None
+            meta = self._copy.meta(count)
+            # sc_ring_copy checked the order inside the copy; across copies here
+            first = _META.unpack_from(meta)[0]
+            last = _META.unpack_from(meta, (count - 1) * _META.size)[0]
+            if first <= self._last_rv:
+                raise CacheCorrupted(f"cache {self._reader.name!r}: resource versions go backwards")
+            self._last_rv = last
+            yield RawBatch(count, meta, memoryview(data), last)
 
     def next(self) -> Event | None:
         """The next event, or None when the interval is drained."""

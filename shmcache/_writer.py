@@ -15,7 +15,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from ._layout import (
     sem_name,
     shm_name,
 )
+from . import _codec
 from ._lock import WriterLock
 from ._native import ffi, lib
 from ._owner import Liveness, ProcessIdentity, judge, me
@@ -235,8 +236,34 @@ class Writer:
         a prefix of the batch).  The whole batch is validated first: on any
         error nothing is changed.  Returns the last resource version (the
         current one for an empty batch)."""
-        keys: list[str] = []
-        batch: list[tuple[bytes, bytes | None]] = []
+        seq = items if isinstance(items, (list, tuple)) else list(items)
+        encoded = _codec.encode_batch(seq, self._arena_bytes, self._max_record)
+        if isinstance(encoded, int):
+            # something the C fast path does not take (a bytearray value, or an
+            # error): the reference path accepts it or raises the precise error
+            encoded = self._encode_batch(seq)
+        blob, ops = encoded
+        count = len(ops) // 16  # struct sc_batch_op
+        if not count:
+            return self.resource_version
+        ops_c = ffi.from_buffer("struct sc_batch_op[]", ops)
+        failed = ffi.new("uint32_t *")
+        g = self.geometry
+        with self._locked():
+            first = self._next_rv(None)
+            if first + count - 1 > MAX_RV:
+                raise InvalidResourceVersion(
+                    f"a batch of {count} events would pass the last resource version {MAX_RV}")
+            rc = lib.sc_batch_check(self._layout, blob, len(blob), ops_c, count, g.max_keys,
+                                    g.store_bytes, failed)
+            if rc != lib.SC_OK:
+                raise self._batch_error(rc, seq[failed[0]][0] if failed[0] < len(seq) else "")
+            result = lib.sc_put_many(self._layout, blob, len(blob), ops_c, count, first)
+            return self._result(result, "", None)
+
+    def _encode_batch(self, items: Sequence[object]) -> tuple[bytes, bytes]:
+        """The reference of _codec.encode_batch: (blob, ops) of valid items,
+        or the error of the first invalid one."""
         parts: list[bytes] = []
         ops = array.array("I")
         for item in items:
@@ -244,28 +271,26 @@ class Writer:
                 raise TypeError(f"put_many items are (key, value) pairs, not {item!r:.60}")
             key, value = item
             raw = encode_key(key)
-            keys.append(key)
             parts.append(raw)
             if value is None:
-                batch.append((raw, None))
                 ops.extend((len(raw), 0, 1, 0))
             else:
                 data = self._check_value(raw, _as_bytes(value))
-                batch.append((raw, data))
                 parts.append(data)
                 ops.extend((len(raw), len(data), 0, 0))
-        if not batch:
-            return self.resource_version
-        blob = b"".join(parts)
-        with self._locked():
-            first = self._next_rv(None)
-            if first + len(batch) - 1 > MAX_RV:
-                raise InvalidResourceVersion(
-                    f"a batch of {len(batch)} events would pass the last resource version {MAX_RV}")
-            self._simulate(batch, keys)
-            result = lib.sc_put_many(self._layout, blob, len(blob),
-                                     ffi.from_buffer("struct sc_batch_op[]", ops), len(batch), first)
-            return self._result(result, "", None)
+        return b"".join(parts), ops.tobytes()
+
+    def _batch_error(self, rc: int, key: str) -> Exception:
+        g = self.geometry
+        if rc == lib.SC_NOTFOUND:
+            return KeyError(key)
+        if rc == lib.SC_FULL_KEYS:
+            return CacheFull(f"the store holds at most {g.max_keys} keys (adding {key!r})")
+        if rc == lib.SC_FULL_BYTES:
+            return CacheFull(f"the store holds at most {g.store_bytes} record bytes (putting {key!r})")
+        if rc == lib.SC_NOMEM:
+            return MemoryError("no scratch memory to check a put_many batch")
+        return CacheCorrupted(f"cache {self.name!r}: a put_many batch failed its check (code {rc})")
 
     def replace(self, items: Iterable[tuple[str, ValueLike]], *, rv: int) -> int:
         """Make the store exactly ``items`` at resource version ``rv`` (a
@@ -463,38 +488,6 @@ class Writer:
             raise InvalidResourceVersion(
                 f"rv {rv} must be greater than the current resource version {current}")
         return wanted
-
-    def _simulate(self, batch: list[tuple[bytes, bytes | None]], keys: list[str]) -> None:
-        """Check that every step of the batch fits the store, in order, before
-        anything is written.  KeyError for a delete of an absent key."""
-        g, h = self.geometry, self._h
-        live_keys, live_bytes = int(h.live_keys), int(h.live_bytes)
-        sizes: dict[bytes, int] = {}  # record size after the steps so far; -1 absent
-        for (raw, data), key in zip(batch, keys):
-            old = sizes.get(raw)
-            if old is None:
-                old = int(lib.sc_store_lookup(self._layout, raw, len(raw)))
-            if data is None:
-                if old < 0:
-                    raise KeyError(key)
-                live_keys -= 1
-                live_bytes -= old
-                sizes[raw] = -1
-                continue
-            new = int(lib.sc_record_size(len(raw), len(data)))
-            if old < 0:
-                live_keys += 1
-            else:
-                live_bytes -= old
-            live_bytes += new
-            if live_keys > g.max_keys:
-                raise CacheFull(f"the store holds at most {g.max_keys} keys")
-            if live_bytes > g.store_bytes:
-                raise CacheFull(
-                    f"the store holds at most {g.store_bytes} record bytes "
-                    f"({live_bytes - new} in use, {new} more needed)"
-                )
-            sizes[raw] = new
 
     def _expire_window(self, rv: int) -> None:
         end = lib.sc_load_acquire(self._map.field("end_index"))
