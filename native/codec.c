@@ -141,14 +141,15 @@ static PyObject *new_record(PyTypeObject *cls, PyObject **items, Py_ssize_t n)
 }
 
 
-/* decode_events(meta, data, count, last_rv, event_type, types) -> list
+/* decode_events(meta, data, count, last_rv, event_type, types, ordered=True) -> list
  *
  * meta: count struct sc_event_meta records (as sc_ring_copy wrote them);
  * data: each event's key then value, back to back.  Builds event_type (a
  * tuple subclass without instance dict: shmcache.Event) instances
  * (types[type - 1], key str, value bytes, rv).  The records must have rv
- * strictly increasing from last_rv, a type of 1..3 and lengths inside data,
- * or ValueError; a key that is not UTF-8 raises UnicodeDecodeError. */
+ * strictly increasing from last_rv (unless not ordered: a snapshot's events
+ * share its rv), a type of 1..3 and lengths inside data, or ValueError; a key
+ * that is not UTF-8 raises UnicodeDecodeError. */
 static PyObject *decode_events(PyObject *self, PyObject *args)
 {
     Py_buffer meta, data;
@@ -156,8 +157,9 @@ static PyObject *decode_events(PyObject *self, PyObject *args)
     unsigned long long last_rv;
     PyTypeObject *cls;
     PyObject *types;
-    if (!PyArg_ParseTuple(args, "y*y*nKO!O!:decode_events", &meta, &data, &count, &last_rv,
-                          &PyType_Type, &cls, &PyTuple_Type, &types))
+    int ordered = 1;
+    if (!PyArg_ParseTuple(args, "y*y*nKO!O!|p:decode_events", &meta, &data, &count, &last_rv,
+                          &PyType_Type, &cls, &PyTuple_Type, &types, &ordered))
         return NULL;
     PyObject *list = NULL;
     if (!PyType_IsSubtype(cls, &PyTuple_Type) || cls->tp_basicsize != PyTuple_Type.tp_basicsize
@@ -183,7 +185,7 @@ static PyObject *decode_events(PyObject *self, PyObject *args)
         memcpy(&m, records + (size_t)i * sizeof m, sizeof m);
         uint64_t rv = m.rv, kl = m.key_len, vl = m.value_len;
         uint32_t type = m.type;
-        if (rv <= prev) {
+        if (ordered && rv <= prev) {
             PyErr_Format(PyExc_ValueError, "resource versions go backwards (%llu after %llu)",
                          (unsigned long long)rv, (unsigned long long)prev);
             goto fail;
@@ -340,7 +342,7 @@ static PyMethodDef codec_methods[] = {
      "encode_batch(items, arena_bytes, max_record) -> (blob, ops) | index of the first item "
      "the fast path does not take"},
     {"decode_events", decode_events, METH_VARARGS,
-     "decode_events(meta, data, count, last_rv, event_type, types) -> list of events"},
+     "decode_events(meta, data, count, last_rv, event_type, types, ordered=True) -> list of events"},
     {"decode_scan", decode_scan, METH_VARARGS,
      "decode_scan(data, count, into) -> None: into[key] = (value, rv) per store record"},
     {"items_sorted", items_sorted, METH_VARARGS,

@@ -563,9 +563,10 @@ class RawBatch:
 
     def events(self) -> list[Event]:
         """The batch as Event objects (keys decoded: CacheCorrupted if one is
-        not UTF-8)."""
+        not UTF-8).  The order of RVs was checked when the batch was made
+        (a snapshot's events all carry its RV)."""
         try:
-            return _codec.decode_events(self.meta, self.data, self.count, 0, Event, _EVENT_TYPES)
+            return _codec.decode_events(self.meta, self.data, self.count, 0, Event, _EVENT_TYPES, False)
         except ValueError as err:
             raise CacheCorrupted(f"a raw batch does not decode: {err}") from err
 
