@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "shmcache.h"
@@ -276,12 +277,29 @@ done:
     return result;
 }
 
+struct sort_entry {
+    const char *key;
+    Py_ssize_t key_len;
+    PyObject *key_obj, *value, *rv; /* borrowed from the dict */
+};
+
+static int compare_keys(const void *a, const void *b)
+{
+    const struct sort_entry *x = a, *y = b;
+    Py_ssize_t n = x->key_len < y->key_len ? x->key_len : y->key_len;
+    int c = memcmp(x->key, y->key, (size_t)n);
+    if (c != 0)
+        return c;
+    return (x->key_len > y->key_len) - (x->key_len < y->key_len);
+}
+
 /* items_sorted(items, item_type) -> (list, max_rv)
  *
  * items: {key bytes: (value bytes, rv int)}.  Returns the item_type
  * instances (key str, value, rv) sorted by key — UTF-8 byte order is code
- * point order, so the bytes are sorted before decoding — and the largest rv
- * (0 for none).  UnicodeDecodeError for a key that is not UTF-8. */
+ * point order, so the raw keys are sorted with memcmp before decoding — and
+ * the largest rv (0 for none).  UnicodeDecodeError for a key that is not
+ * UTF-8.  The dict is walked in its own order (no lookup per key). */
 static PyObject *items_sorted(PyObject *self, PyObject *args)
 {
     PyObject *items;
@@ -292,49 +310,53 @@ static PyObject *items_sorted(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "items_sorted: item_type must be a tuple subclass");
         return NULL;
     }
-    PyObject *keys = PyDict_Keys(items), *out = NULL;
+    Py_ssize_t n = PyDict_GET_SIZE(items), pos = 0, i = 0;
+    struct sort_entry *entries = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *entries);
+    if (entries == NULL)
+        return PyErr_NoMemory();
+    PyObject *k, *pair, *out = NULL;
     unsigned long long max_rv = 0;
-    if (keys == NULL || PyList_Sort(keys) < 0)
-        goto fail;
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    out = PyList_New(n);
-    if (out == NULL)
-        goto fail;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *k = PyList_GET_ITEM(keys, i);
-        PyObject *pair = PyDict_GetItemWithError(items, k); /* borrowed */
-        if (pair == NULL || !PyBytes_Check(k) || !PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "items_sorted: items must map bytes to (value, rv)");
-            goto fail;
+    while (PyDict_Next(items, &pos, &k, &pair)) {
+        if (i >= n || !PyBytes_Check(k) || !PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "items_sorted: items must map bytes to (value, rv)");
+            goto done;
         }
         unsigned long long rv = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(pair, 1));
         if (rv == (unsigned long long)-1 && PyErr_Occurred())
-            goto fail;
+            goto done;
         if (rv > max_rv)
             max_rv = rv;
+        entries[i++] = (struct sort_entry){PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), k,
+                                           PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1)};
+    }
+    qsort(entries, (size_t)i, sizeof *entries, compare_keys);
+    out = PyList_New(i);
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < i; j++) {
         PyObject *fields[3] = {
-            PyUnicode_DecodeUTF8(PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), "strict"),
-            Py_NewRef(PyTuple_GET_ITEM(pair, 0)),
-            Py_NewRef(PyTuple_GET_ITEM(pair, 1)),
+            PyUnicode_DecodeUTF8(entries[j].key, entries[j].key_len, "strict"),
+            Py_NewRef(entries[j].value),
+            Py_NewRef(entries[j].rv),
         };
         if (fields[0] == NULL) {
             Py_DECREF(fields[1]);
             Py_DECREF(fields[2]);
-            goto fail;
+            Py_CLEAR(out);
+            goto done;
         }
         PyObject *item = new_record(cls, fields, 3);
-        if (item == NULL)
-            goto fail;
-        PyList_SET_ITEM(out, i, item);
+        if (item == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, j, item);
     }
-    Py_DECREF(keys);
-    PyObject *result = Py_BuildValue("(NK)", out, max_rv);
-    return result;
-fail:
-    Py_XDECREF(keys);
-    Py_XDECREF(out);
-    return NULL;
+done:
+    PyMem_Free(entries);
+    if (out == NULL)
+        return NULL;
+    return Py_BuildValue("(NK)", out, max_rv);
 }
 
 static PyMethodDef codec_methods[] = {

@@ -38,6 +38,10 @@ _new_event = tuple.__new__
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 LIST_ATTEMPTS = 8
 MAX_BUFFER_SIZE = 1 << 16
+#: an interval's payload buffer grows to hold buffer_size events, up to this
+#: (a bigger single event still fits: the buffer then takes its size); past a
+#: few hundred KiB a copy's fixed cost is amortised, so more only costs memory
+MAX_BUFFER_BYTES = 1 << 20
 WINDOW_ATTEMPTS = 1000
 #: seconds watch() waits for a since_rv the cache has not reached yet
 #: (Kubernetes' watch cache waits 3 s before "too large resource version")
@@ -469,8 +473,8 @@ class Reader:
 class _CopyBuffer:
     """An interval's local buffer: metadata and payload of at most
     ``max_events`` events.  The payload part starts at 64 bytes an event and
-    doubles (up to one arena) when max_events events of the sizes met do
-    not fit, or one event alone does not."""
+    grows (at least doubling, up to MAX_BUFFER_BYTES) when max_events events
+    of the sizes met do not fit; one event bigger than it gets its size."""
 
     def __init__(self, max_events: int, arena_bytes: int) -> None:
         self.max_events = max_events
@@ -511,12 +515,14 @@ class _CopyBuffer:
                 raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {out[0]}")
             break
         self.next_index = int(out[0])
-        if count[0] < self.max_events and out[0] < end and self._cap < self._arena_bytes:
+        if count[0] < self.max_events and out[0] < end and self._cap < min(self._arena_bytes, MAX_BUFFER_BYTES):
             # stopped by bytes, not by count: size the next fill for max_events
             # events of this size (so the buffer stays O(max_events)); grown
             # at the next fill, the caller still reads this one
             per_event = -(-int(out[1]) // max(count[0], 1))
-            self._grow = min(self._arena_bytes, max(2 * self._cap, per_event * self.max_events * 5 // 4))
+            want = min(MAX_BUFFER_BYTES, per_event * self.max_events * 5 // 4)
+            if want > self._cap:
+                self._grow = min(self._arena_bytes, max(2 * self._cap, want))
         return count[0], ffi.buffer(self._data, out[1])
 
     def meta(self, count: int) -> memoryview:
