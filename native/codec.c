@@ -142,6 +142,37 @@ static PyObject *new_record(PyTypeObject *cls, PyObject **items, Py_ssize_t n)
 }
 
 
+/* Recently decoded keys, direct-mapped by a hash of their UTF-8 bytes: the
+ * events of a watch mostly repeat a working set of keys, and handing out the
+ * same str again saves a decode and an allocation per event.  Bounded (one
+ * str per entry); only touched with the GIL held. */
+#define KEY_CACHE_SIZE 4096
+static PyObject *key_cache[KEY_CACHE_SIZE];
+
+static PyObject *decode_key(const char *raw, Py_ssize_t len)
+{
+    if (len > 64) /* long keys are rarer and costlier to compare: decode */
+        return PyUnicode_DecodeUTF8(raw, len, "strict");
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (Py_ssize_t i = 0; i < len; i++)
+        h = (h ^ (uint8_t)raw[i]) * 0x100000001b3ULL;
+    PyObject **slot = &key_cache[(h ^ (h >> 29)) & (KEY_CACHE_SIZE - 1)];
+    if (*slot != NULL) {
+        Py_ssize_t n;
+        /* never fails: an entry was decoded from valid UTF-8 (for an ASCII
+         * str this is its own data, else a copy made once and kept) */
+        const char *utf8 = PyUnicode_AsUTF8AndSize(*slot, &n);
+        if (utf8 == NULL)
+            PyErr_Clear();
+        else if (n == len && memcmp(utf8, raw, (size_t)len) == 0)
+            return Py_NewRef(*slot);
+    }
+    PyObject *key = PyUnicode_DecodeUTF8(raw, len, "strict");
+    if (key != NULL)
+        Py_XSETREF(*slot, Py_NewRef(key));
+    return key;
+}
+
 /* decode_events(meta, data, count, last_rv, event_type, types, ordered=True) -> list
  *
  * meta: count struct sc_event_meta records (as sc_ring_copy wrote them);
@@ -202,7 +233,7 @@ static PyObject *decode_events(PyObject *self, PyObject *args)
         prev = rv;
         PyObject *fields[4] = {
             Py_NewRef(PyTuple_GET_ITEM(types, type - 1)),
-            PyUnicode_DecodeUTF8(base + pos, (Py_ssize_t)kl, "strict"),
+            decode_key(base + pos, (Py_ssize_t)kl),
             PyBytes_FromStringAndSize(base + pos + kl, (Py_ssize_t)vl),
             PyLong_FromUnsignedLongLong(rv),
         };

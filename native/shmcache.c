@@ -66,6 +66,47 @@ int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns)
     return rc == 0 ? 0 : errno;
 }
 
+/* A reader's wait for end_index > position: SC_WAIT_PASSED, SC_WAIT_CLOSED
+ * (the owner closed the segment), SC_WAIT_TIMEOUT after timeout_ns (< 0:
+ * none), SC_WAIT_INTERRUPTED on a signal (the caller handles it and calls
+ * again with what is left of its timeout).  The notify_seq read before the
+ * checks closes the race with a publish between the check and the sleep:
+ * the writer bumps notify_seq before waking, so FUTEX_WAIT then returns at
+ * once (EAGAIN). */
+int sc_wait_past(struct sc_layout *L, uint64_t position, int64_t timeout_ns)
+{
+    struct sc_header *h = (struct sc_header *)L->base;
+    struct timespec now, deadline;
+    if (timeout_ns >= 0) {
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += timeout_ns / 1000000000;
+        deadline.tv_nsec += timeout_ns % 1000000000;
+        if (deadline.tv_nsec >= 1000000000) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000;
+        }
+    }
+    for (;;) {
+        uint32_t seq = __atomic_load_n(&h->notify_seq, __ATOMIC_ACQUIRE);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&h->closed, __ATOMIC_ACQUIRE))
+            return SC_WAIT_CLOSED;
+        if (__atomic_load_n(&h->end_index, __ATOMIC_ACQUIRE) > position)
+            return SC_WAIT_PASSED;
+        int64_t left = -1;
+        if (timeout_ns >= 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            left = (int64_t)(deadline.tv_sec - now.tv_sec) * 1000000000 + (deadline.tv_nsec - now.tv_nsec);
+            if (left <= 0)
+                return SC_WAIT_TIMEOUT;
+        }
+        int rc = sc_futex_wait(&h->notify_seq, seq, left);
+        if (rc == EINTR)
+            return SC_WAIT_INTERRUPTED;
+        /* 0 (woken), EAGAIN (seq moved), ETIMEDOUT: look again */
+    }
+}
+
 void sc_notify(struct sc_layout *L)
 {
     struct sc_header *h = (struct sc_header *)L->base;
@@ -760,6 +801,43 @@ int sc_replay(struct sc_layout *L)
 
 /* ---- ring: reader side ---------------------------------------------------- */
 
+/* A consistent window of the ring: out[0] start_index, out[1] end_index,
+ * out[2] the effective oldest rv (docs/design.md, "Resource versions": the
+ * oldest held event's, replace_rv + 1 right after a replace with no eviction
+ * since, rv + 1 for a ring emptied after events, 0 for a ring that never
+ * held one).  Read until start, replace_rv and end are the same after a
+ * fence as before; SC_CORRUPT if they never are (or never make sense). */
+int sc_ring_window(struct sc_layout *L, uint64_t *out)
+{
+    struct sc_header *h = hdr(L);
+    for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
+        uint64_t start = LOAD_ACQ(h->start_index), rep_rv = LOAD_ACQ(h->replace_rv);
+        uint64_t rep_index = LOAD_ACQ(h->replace_index), end = LOAD_ACQ(h->end_index);
+        uint64_t oldest;
+        if (!(start <= end && end - start <= L->capacity))
+            continue;
+        if (rep_rv && start == rep_index) {
+            oldest = rep_rv + 1;
+        } else if (start < end) {
+            oldest = LOAD(slot_at(L, start)->rv);
+        } else {
+            /* empty although events were published: a writer evicted them
+             * all to make room for one it died before publishing */
+            uint64_t newest = LOAD_ACQ(h->rv);
+            oldest = newest ? newest + 1 : 0;
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD_ACQ(h->start_index) == start && LOAD_ACQ(h->replace_rv) == rep_rv
+            && LOAD_ACQ(h->end_index) == end) {
+            out[0] = start;
+            out[1] = end;
+            out[2] = oldest;
+            return SC_OK;
+        }
+    }
+    return SC_CORRUPT;
+}
+
 /* First index in [start, end) whose event has rv > since_rv (end if none).
  * *out_start is start_index re-read after the search: the answer is exact
  * iff it still equals start (no slot the search read was being reused). */
@@ -785,9 +863,7 @@ int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t sin
 
 int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
                  const uint8_t *prefix, uint32_t prefix_len,
-                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap,
-                 uint64_t *out_next, uint32_t *out_count, uint64_t *out_data_used,
-                 uint64_t *out_start)
+                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap, uint64_t *out)
 {
     int rc = SC_OK;
     uint32_t n = 0;
@@ -834,10 +910,10 @@ int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_
     /* validity after the copy: the copied slots were not reused iff
      * start_index has not passed from */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    *out_start = LOAD(hdr(L)->start_index);
-    *out_next = i;
-    *out_count = n;
-    *out_data_used = used;
+    out[3] = LOAD(hdr(L)->start_index);
+    out[0] = i;
+    out[1] = n;
+    out[2] = used;
     return rc;
 }
 

@@ -24,6 +24,12 @@
 #define SC_NOMEM 5      /* the writer could not allocate scratch memory */
 
 #define SC_MAX_KEY_BYTES 1024
+
+/* results of sc_wait_past */
+#define SC_WAIT_PASSED 0
+#define SC_WAIT_CLOSED 1
+#define SC_WAIT_TIMEOUT 2
+#define SC_WAIT_INTERRUPTED 3
 #define SC_RECORD_HEADER_BYTES 24
 #define SC_SCAN_ITEM_HEADER_BYTES 16
 
@@ -195,6 +201,7 @@ void sc_fence_release(void);
 
 /* ---- futex (shared, never FUTEX_PRIVATE) -------------------------------- */
 /* 0 woken (or value changed), else an errno: ETIMEDOUT, EINTR, EAGAIN */
+int sc_wait_past(struct sc_layout *L, uint64_t position, int64_t timeout_ns);
 int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 void sc_notify(struct sc_layout *L);
 
@@ -234,13 +241,15 @@ int sc_recount(struct sc_layout *L);
 int sc_replay(struct sc_layout *L);
 
 /* ---- reader side (lock-free; every value read from the segment is checked) */
+int sc_ring_window(struct sc_layout *L, uint64_t *out);
 int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
                  uint64_t *out_index, uint64_t *out_start);
+/* out[0]: the index after the last slot examined; out[1]: events copied;
+ * out[2]: payload bytes used (for SC_NOSPACE: what the first event needs);
+ * out[3]: start_index re-read after the copy (valid iff <= from) */
 int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
                  const uint8_t *prefix, uint32_t prefix_len,
-                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap,
-                 uint64_t *out_next, uint32_t *out_count, uint64_t *out_data_used,
-                 uint64_t *out_start);
+                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap, uint64_t *out);
 /* out_seen[0]: store_rv before the lookup; out_seen[1]: rv of the newest
  * published event after it (0 if the window is empty).  When [1] > [0] the
  * ring holds events the store may not show yet (a writer mid-change, or a

@@ -34,6 +34,8 @@ _META = struct.Struct("<QIIII")
 _TYPES = (None, EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
 _EVENT_TYPES = (EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
 _new_event = tuple.__new__
+#: what watch_batches() and Interval.batches() yield (``list`` is a method name in Reader)
+_Batch = list[Event]
 #: copy buffers are written before they are read: zeroing them is wasted
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 LIST_ATTEMPTS = 8
@@ -42,6 +44,9 @@ MAX_BUFFER_SIZE = 1 << 16
 #: (a bigger single event still fits: the buffer then takes its size); past a
 #: few hundred KiB a copy's fixed cost is amortised, so more only costs memory
 MAX_BUFFER_BYTES = 1 << 20
+#: payload bytes an event a new buffer starts with: a key and a value of
+#: about 100 bytes fit, so a typical first refill is not cut short
+INITIAL_EVENT_BYTES = 128
 WINDOW_ATTEMPTS = 1000
 #: seconds watch() waits for a since_rv the cache has not reached yet
 #: (Kubernetes' watch cache waits 3 s before "too large resource version")
@@ -89,6 +94,7 @@ class Reader:
         self._out_rv = self._out + 1
         self._out_seen = self._out + 2
         self._out32 = ffi.new("uint32_t[1]")
+        self._win = ffi.new("uint64_t[3]")
         self._value_buf: Any = ffi.new("uint8_t[]", 4096)
         self._value_cap = 4096
 
@@ -135,30 +141,12 @@ class Reader:
         return self._window()[2]
 
     def _window(self) -> tuple[int, int, int]:
-        """A consistent (start_index, end_index, oldest) of the ring."""
-        cap = self.geometry.capacity
-        for _ in range(WINDOW_ATTEMPTS):
-            start = lib.sc_load_acquire(self._p_start)
-            rep_rv = lib.sc_load_acquire(self._p_rep_rv)
-            rep_index = lib.sc_load_acquire(self._p_rep_index)
-            end = lib.sc_load_acquire(self._p_end)
-            if not start <= end <= start + cap:
-                continue
-            if rep_rv and start == rep_index:
-                oldest = rep_rv + 1
-            elif start < end:
-                oldest = int(self._slots[start % cap].rv)
-            else:
-                # Empty although events were published: a writer evicted
-                # them all to make room for one it died before publishing.
-                # Nothing up to rv is held any more.
-                newest = int(lib.sc_load_acquire(self._p_rv))
-                oldest = newest + 1 if newest else 0
-            lib.sc_fence_acquire()
-            if (lib.sc_load_acquire(self._p_start) == start and lib.sc_load_acquire(self._p_rep_rv) == rep_rv
-                    and lib.sc_load_acquire(self._p_end) == end):
-                return start, end, oldest
-        raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
+        """A consistent (start_index, end_index, oldest) of the ring (the
+        oldest as oldest_resource_version defines it)."""
+        w = self._win
+        if lib.sc_ring_window(self._layout, w) != lib.SC_OK:
+            raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
+        return int(w[0]), int(w[1]), int(w[2])
 
     # ---- get / list --------------------------------------------------------
 
@@ -378,6 +366,14 @@ class Reader:
         the owner closed the cache.  A ``since_rv`` the cache has not reached
         yet is waited for, at most FRESH_WAIT seconds (and ``timeout``), then
         ResourceVersionTooLarge."""
+        return _flatten(self.watch_batches(since_rv, prefix=prefix, timeout=timeout, buffer_size=buffer_size))
+
+    def watch_batches(self, since_rv: int, *, prefix: str = "", timeout: float | None = None,
+                      buffer_size: int = 100) -> Iterator[_Batch]:
+        """watch(), one list per refill of the local buffer (at most
+        ``buffer_size`` events, never empty): for consumers that loop over
+        events themselves, without a generator step per event.  The lists
+        are the caller's to keep."""
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise InvalidSize(f"timeout={timeout!r} must be None or >= 0 seconds")
         if isinstance(since_rv, int) and not isinstance(since_rv, bool):
@@ -385,9 +381,9 @@ class Reader:
         interval = self.interval(since_rv, prefix=prefix, buffer_size=buffer_size)
         return self._watch(interval, timeout)
 
-    def _watch(self, interval: Interval, timeout: float | None) -> Iterator[Event]:
+    def _watch(self, interval: Interval, timeout: float | None) -> Iterator[_Batch]:
         while True:
-            yield from interval
+            yield from interval.batches()
             position = interval.end_index
             if position < 0:  # a snapshot: continue after its resource version
                 interval = self._interval_after(interval.resource_version, interval.raw_prefix,
@@ -401,22 +397,15 @@ class Reader:
         """Block until end_index > position; False if timeout expired."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            seq = self._p_notify[0]
-            lib.sc_fence_acquire()
             self._check_alive()
-            if lib.sc_load_acquire(self._p_end) > position:
+            wait_ns = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
+            rc = lib.sc_wait_past(self._layout, position, wait_ns)
+            if rc == lib.SC_WAIT_PASSED:
                 return True
-            if deadline is None:
-                wait_ns = -1
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                wait_ns = int(left * 1e9)
-            rc = lib.sc_futex_wait(self._p_notify, seq, wait_ns)
-            if rc == errno.ETIMEDOUT:
-                self._check_alive()
-                return bool(lib.sc_load_acquire(self._p_end) > position)
+            if rc == lib.SC_WAIT_TIMEOUT:
+                return False
+            # SC_WAIT_CLOSED: _check_alive raises; SC_WAIT_INTERRUPTED: a
+            # signal handler has run on the way back; wait again
 
     def _newest_rv(self) -> int:
         """The newest published RV.  A writer publishes an event (end_index)
@@ -470,9 +459,14 @@ class Reader:
         return f"<shmcache.Reader {self.name!r}{' closed' if self.closed else ''}>"
 
 
+def _flatten(batches: Iterator[_Batch]) -> Iterator[Event]:
+    for batch in batches:
+        yield from batch
+
+
 class _CopyBuffer:
     """An interval's local buffer: metadata and payload of at most
-    ``max_events`` events.  The payload part starts at 64 bytes an event and
+    ``max_events`` events.  The payload part starts at INITIAL_EVENT_BYTES an event and
     grows (at least doubling, up to MAX_BUFFER_BYTES) when max_events events
     of the sizes met do not fit; one event bigger than it gets its size."""
 
@@ -481,10 +475,10 @@ class _CopyBuffer:
         self._arena_bytes = arena_bytes
         self._meta = bytearray(max_events * _META.size)
         self._meta_c = ffi.from_buffer("struct sc_event_meta[]", self._meta)
-        self._cap = min(max(64 * max_events, 4096), arena_bytes)
+        self._cap = min(max(INITIAL_EVENT_BYTES * max_events, 4096), arena_bytes)
+        self._max_cap = min(arena_bytes, MAX_BUFFER_BYTES)
         self._data: Any = _new_uncleared("uint8_t[]", self._cap)
-        self._out = ffi.new("uint64_t[3]")
-        self._count = ffi.new("uint32_t *")
+        self._out = ffi.new("uint64_t[4]")
         self._grow = 0  # the payload size of the next fill, if it must grow
         self.next_index = 0
 
@@ -493,7 +487,7 @@ class _CopyBuffer:
         buffer of this object's memory, valid until the next fill) with the
         metadata in ``meta()``, or None if the copy was invalidated
         (startIndex passed index).  Sets next_index."""
-        out, count = self._out, self._count
+        out = self._out
         if self._grow:
             self._cap = self._grow
             self._data = _new_uncleared("uint8_t[]", self._cap)
@@ -501,29 +495,29 @@ class _CopyBuffer:
         while True:
             reader._check_alive()
             rc = lib.sc_ring_copy(reader._layout, index, end, self.max_events, prefix, len(prefix),
-                                  self._meta_c, self._data, self._cap, out, count, out + 1, out + 2)
-            if out[2] > index:
+                                  self._meta_c, self._data, self._cap, out)
+            nxt, count, used, start = ffi.unpack(out, 4)
+            if start > index:
                 return None
             if rc == lib.SC_NOSPACE:
-                need = int(out[1])
-                if need > self._arena_bytes:
-                    raise CacheCorrupted(f"cache {reader.name!r}: an event claims {need} bytes")
-                self._cap = max(need, min(2 * self._cap, self._arena_bytes))
+                if used > self._arena_bytes:
+                    raise CacheCorrupted(f"cache {reader.name!r}: an event claims {used} bytes")
+                self._cap = max(used, min(2 * self._cap, self._arena_bytes))
                 self._data = _new_uncleared("uint8_t[]", self._cap)
                 continue
             if rc != lib.SC_OK:
-                raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {out[0]}")
+                raise CacheCorrupted(f"cache {reader.name!r}: impossible event in ring slot {nxt}")
             break
-        self.next_index = int(out[0])
-        if count[0] < self.max_events and out[0] < end and self._cap < min(self._arena_bytes, MAX_BUFFER_BYTES):
+        self.next_index = nxt
+        if count < self.max_events and nxt < end and self._cap < self._max_cap:
             # stopped by bytes, not by count: size the next fill for max_events
             # events of this size (so the buffer stays O(max_events)); grown
             # at the next fill, the caller still reads this one
-            per_event = -(-int(out[1]) // max(count[0], 1))
+            per_event = -(-used // max(count, 1))
             want = min(MAX_BUFFER_BYTES, per_event * self.max_events * 5 // 4)
             if want > self._cap:
                 self._grow = min(self._arena_bytes, max(2 * self._cap, want))
-        return count[0], ffi.buffer(self._data, out[1])
+        return count, ffi.buffer(self._data, used)
 
     def meta(self, count: int) -> memoryview:
         """The metadata records of the last fill's ``count`` events."""
@@ -694,10 +688,14 @@ class Interval:
         return event
 
     def __iter__(self) -> Iterator[Event]:
+        return _flatten(self.batches())
+
+    def batches(self) -> Iterator[_Batch]:
+        """The events not served yet, one list per refill (never empty)."""
         while True:
             if self._pos < len(self._events):
                 batch = self._events[self._pos:] if self._pos else self._events
                 self._pos = len(self._events)
-                yield from batch
+                yield batch
             if not self._refill():
                 return

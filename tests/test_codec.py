@@ -19,6 +19,7 @@ from shmcache import (
     Event,
     EventType,
     InvalidKey,
+    InvalidSize,
     Item,
     RawBatch,
     Reader,
@@ -598,3 +599,54 @@ def test_raw_batches_of_a_partly_consumed_snapshot(name: str) -> None:
         rest = [e for batch in interval.raw_batches() for e in batch.events()]
         assert [first, *rest] == list(r.interval(0))
         assert [e.key for e in rest] == ["b", "c", "d"]
+
+
+# ---- the decoder's key cache and the batch views -------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=70), min_size=1, max_size=300))
+def test_decoded_keys_are_the_keys_whatever_the_cache_holds(keys: list[str]) -> None:
+    # the decoder hands out cached str objects for keys it decoded before;
+    # a cache slot shared by two keys (same hash bucket) must never mix them up
+    records = [(i + 1, 1, k.encode(), b"") for i, k in enumerate(keys)]
+    meta, data = pack(records)
+    for _ in range(2):  # the second pass is served from the cache where it can be
+        events = _codec.decode_events(meta, data, len(records), 0, Event, TYPES)
+        assert [e.key for e in events] == keys
+
+
+def test_key_cache_with_more_keys_than_slots() -> None:
+    # 20,000 distinct keys of one length: every cache slot is reused many times
+    keys = [f"key/{i:06d}".encode() for i in range(20_000)]
+    meta, data = pack([(i + 1, 2, k, b"v") for i, k in enumerate(keys)])
+    for _ in range(2):
+        events = _codec.decode_events(meta, data, len(keys), 0, Event, TYPES)
+        assert [e.key.encode() for e in events] == keys
+    bad = pack([(1, 1, keys[0], b""), (2, 1, b"\xff" + keys[0][1:], b"")])
+    with pytest.raises(UnicodeDecodeError):
+        _codec.decode_events(bad[0], bad[1], 2, 0, Event, TYPES)
+
+
+def test_watch_batches_and_interval_batches(name: str) -> None:
+    with Writer(name, capacity=64, arena_bytes=1 << 14, max_keys=64, store_bytes=1 << 14) as w, \
+            Reader(name) as r:
+        with pytest.raises(TypeError):
+            r.watch_batches("1")  # type: ignore[arg-type]
+        with pytest.raises(InvalidSize):
+            r.watch_batches(0, timeout=-1)
+        w.put_many([(f"k{i}", b"v") for i in range(25)])
+        batches = list(r.interval(5, buffer_size=7).batches())
+        assert [len(b) for b in batches] == [7, 7, 6]
+        assert [e.rv for b in batches for e in b] == list(range(6, 26))
+        seen: list[Event] = []
+        for batch in r.watch_batches(20, timeout=0.2, buffer_size=3):
+            assert 1 <= len(batch) <= 3
+            seen.extend(batch)
+            if batch[-1].rv == 25:
+                w.put("later", b"x")
+        assert [e.rv for e in seen] == [21, 22, 23, 24, 25, 26]
+        assert seen[-1].key == "later"
+        # a snapshot first, then the events after it
+        snap = next(iter(r.watch_batches(0, timeout=0.1)))
+        assert {e.key for e in snap} == {f"k{i}" for i in range(25)} | {"later"}
