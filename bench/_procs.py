@@ -23,6 +23,7 @@ import gc
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.queues
+import os
 import queue
 import random
 import struct
@@ -728,6 +729,16 @@ def _latency_sender(run: Run, job: Job) -> tuple[Callable[[bytes], object], Call
         pub, finish = _zmq_publisher(run, job, run.ready)
         return pub.send, finish
 
+    if system == "pipe":
+        # O_RDWR: opening a FIFO this way never blocks on the other end
+        fd = os.open(job.address, os.O_RDWR)
+        run.ready()
+        run.await_go(job.wait_s)
+
+        def send_bytes(value: bytes) -> object:
+            return os.write(fd, value)  # <= PIPE_BUF: one atomic write
+        return send_bytes, lambda: os.close(fd)
+
     if system == "redis":
         import redis
 
@@ -802,6 +813,29 @@ def _latency_receiver(run: Run, job: Job) -> Callable[[], list[int]]:
                 check(seq, expected)
                 lat.append(t - sent)
             return lat
+        return receive
+
+    if system == "pipe":
+        fd = os.open(job.address, os.O_RDWR)
+        run.ready()
+        size = job.value_bytes
+
+        def receive() -> list[int]:
+            lat: list[int] = []
+            read = os.read
+            try:
+                for expected in range(n):
+                    # writes of `size` bytes are atomic, so each read returns one
+                    m = read(fd, size)
+                    t = clock()
+                    if len(m) != size:
+                        raise _Sequence(f"a read of {len(m)} bytes where messages are {size}")
+                    seq, sent = unpack(m)
+                    check(seq, expected)
+                    lat.append(t - sent)
+                return lat
+            finally:
+                os.close(fd)
         return receive
 
     if system == "pyzmq":

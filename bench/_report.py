@@ -326,7 +326,11 @@ def _latency_targets(rec: Recorder) -> list[dict[str, Any]]:
                            _why_missing(rec, "shmcache", "no latency figure" if meds else "latency not run")))
     else:
         p99 = base.metrics["p99_us"]
-        out.append(_target("4a", text, "≤ 100 µs", f"p99 {_num(p99)} µs ({_params_text(where)})",
+        floor = _find(meds, "pipe", "p99_us", **where)
+        # the machine's own wake-up (a bare FIFO) beside it: a p99 above
+        # 100 µs there means no blocking reader can meet this target here
+        floor_text = f"; the floor (pipe) p99 {_num(floor[0].metrics['p99_us'])} µs" if floor else ""
+        out.append(_target("4a", text, "≤ 100 µs", f"p99 {_num(p99)} µs ({_params_text(where)}){floor_text}",
                            p99 / 100, p99 <= 100, values={"p99_us": p99}))
     shm = side("shmcache")
     for tid, peer in (("4b", "pyzmq"), ("4c", "redis")):

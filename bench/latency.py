@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ from ._procs import Job, Pools, drop_stream, spawn_context
 
 __all__ = ["SYSTEMS", "VALUE_BYTES", "run"]
 
-SYSTEMS = ("shmcache", "pyzmq", "redis", "mp.Queue", "faster-fifo")
+#: "pipe" is the floor, not a peer: a bare FIFO write and a blocked read(),
+#: this machine's own cost of waking another process
+SYSTEMS = ("shmcache", "pyzmq", "redis", "mp.Queue", "faster-fifo", "pipe")
 _PEER_PACKAGE = {"faster-fifo": "faster-fifo", "pyzmq": "pyzmq", "redis": "redis"}
 VALUE_BYTES = 100
 RING_EVENTS = 16384
@@ -64,7 +67,9 @@ def run(cfg: Config, rec: Recorder) -> None:
         f"±25 %), {cfg.latency_samples:,} samples after {warmup:,} warm-up ones; latency = the reader's "
         "perf_counter_ns() on receipt minus the writer's just before its publish call. shmcache: put() "
         "and a reader blocked in watch(); pyzmq PUB/SUB over ipc://; Redis XADD and XREAD BLOCK on a "
-        "private redis-server over a Unix socket; mp.Queue and faster-fifo put()/get()."))
+        "private redis-server over a Unix socket; mp.Queue and faster-fifo put()/get(); pipe (the floor: "
+        "what waking another process costs on this machine): os.write() of the same bytes to a FIFO and "
+        "a reader blocked in os.read()."))
     if failures:
         raise RuntimeError("shmcache failed the latency scenario: " + "; ".join(failures))
 
@@ -84,6 +89,9 @@ def _run_once(pools: Pools, job: Job, tmp: Path, redis_sock: str) -> list[int]:
             job = dataclasses.replace(job, cache=name)
         elif job.system == "pyzmq":
             job = dataclasses.replace(job, address=f"ipc://{tmp}/{name}.sock")
+        elif job.system == "pipe":
+            os.mkfifo(tmp / f"{name}.fifo", 0o600)
+            job = dataclasses.replace(job, address=str(tmp / f"{name}.fifo"))
         elif job.system == "redis":
             job = dataclasses.replace(job, address=redis_sock, stream=name)
             stack.callback(drop_stream, redis_sock, name)
