@@ -237,3 +237,36 @@ def test_an_event_published_before_the_header_rv_is_not_too_large(name: str) -> 
                 r.interval(4)
         finally:
             lib.sc_store_release(rv_field, 3)
+
+
+def test_a_signal_during_watch_runs_its_handler_and_the_wait_goes_on(name: str) -> None:
+    import signal
+
+    fired: list[float] = []
+
+    def handler(signum: int, frame: object) -> None:
+        fired.append(time.monotonic())
+
+    class Stop(Exception):
+        pass
+
+    def raising(signum: int, frame: object) -> None:
+        raise Stop
+
+    with Writer(name, capacity=8, arena_bytes=4096, max_keys=8, store_bytes=4096) as w, Reader(name) as r:
+        w.put("a", b"1")
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            start = time.monotonic()
+            assert list(r.watch(r.resource_version, timeout=0.5)) == []
+            waited = time.monotonic() - start
+            assert len(fired) == 1 and fired[0] - start < 0.45  # ran while the wait was on
+            assert waited >= 0.45  # and the wait went on for the rest of its timeout
+            signal.signal(signal.SIGALRM, raising)
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(Stop):
+                list(r.watch(r.resource_version))  # no timeout: only the signal ends it
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
