@@ -7,10 +7,11 @@ from collections.abc import Iterator
 import pytest
 
 from ._daemon_helpers import served
+from ._etcd import etcd
 from ._report import pytest_terminal_summary, report
 from .helpers import SESSION_VARIABLE, leftovers, remove_cache, unique_name
 
-__all__ = ["name", "pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary", "report", "served"]
+__all__ = ["etcd", "name", "pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary", "report", "served"]
 
 
 @pytest.fixture
