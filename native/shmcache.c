@@ -622,6 +622,23 @@ int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
     return (int64_t)(first_rv + count - 1);
 }
 
+/* A bookmark (the lock is held): the cache's state is now that of rv, with
+ * no event between the newest one and rv — an upstream that reports "nothing
+ * of yours changed up to rv" (etcd's progress notification, Kubernetes'
+ * bookmark).  h->rv first, then store_rv: a reader between the two sees
+ * store_rv < rv with no events to replay up to rv and retries; a holder dying
+ * between them is repaired by sc_replay, which brings store_rv up to rv once
+ * every event is applied.  -SC_BAD_RV unless rv > h->rv. */
+int64_t sc_bookmark(struct sc_layout *L, uint64_t rv)
+{
+    struct sc_header *h = hdr(L);
+    if (rv <= h->rv || rv > (uint64_t)INT64_MAX)
+        return -SC_BAD_RV;
+    STORE_REL(h->rv, rv);
+    STORE_REL(h->store_rv, rv);
+    return (int64_t)rv;
+}
+
 /* ---- the writers' lock: the token half (lock.py holds the protocol) ------- */
 
 int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner)
@@ -796,6 +813,10 @@ int sc_replay(struct sc_layout *L)
         if (h->rv < last)
             STORE_REL(h->rv, last);
     }
+    /* every event is applied now; an rv beyond the newest one is a bookmark
+     * whose holder died before it advanced store_rv */
+    if (h->store_rv < h->rv)
+        STORE_REL(h->store_rv, h->rv);
     return SC_OK;
 }
 

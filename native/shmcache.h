@@ -219,6 +219,7 @@ int64_t sc_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
 int64_t sc_delete(struct sc_layout *L, const uint8_t *key, uint32_t key_len, uint64_t rv);
 int64_t sc_put_many(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
                     const struct sc_batch_op *ops, uint32_t count, uint64_t first_rv);
+int64_t sc_bookmark(struct sc_layout *L, uint64_t rv);
 int sc_batch_check(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
                    const struct sc_batch_op *ops, uint32_t count, uint64_t max_keys,
                    uint64_t store_bytes, uint32_t *out_index);

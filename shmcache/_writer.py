@@ -292,6 +292,18 @@ class Writer:
             return MemoryError("no scratch memory to check a put_many batch")
         return CacheCorrupted(f"cache {self.name!r}: a put_many batch failed its check (code {rc})")
 
+    def bookmark(self, rv: int) -> int:
+        """Advance the cache's resource version to ``rv`` without an event:
+        nothing changed between the newest event and ``rv`` (an upstream's
+        progress notification).  list() is then a snapshot at ``rv``, and
+        watches may resume from it.  InvalidResourceVersion unless ``rv`` is
+        greater than the current resource version.  Returns ``rv``."""
+        if check_rv(rv) == 0:
+            raise InvalidResourceVersion("bookmark needs an explicit rv")
+        with self._locked():
+            result = lib.sc_bookmark(self._layout, rv)
+        return self._result(result, "", rv)
+
     def replace(self, items: Iterable[tuple[str, ValueLike]], *, rv: int) -> int:
         """Make the store exactly ``items`` at resource version ``rv`` (a
         relist, as Kubernetes' Replace) and empty the ring's window: readers

@@ -445,7 +445,8 @@ def hold_lock(name: str, then: str) -> None:
     """Take the writers' lock as a put would, maybe leave a change half done
     (``ring_*``: the event at rv 3 is published in the ring but the store
     does not have it; ``store_behind``: the store has it too but store_rv
-    was not advanced; ``evict_all``: every event evicted to make room for
+    was not advanced; ``bookmark_half``: a bookmark at rv 3 whose holder
+    died before it advanced store_rv; ``evict_all``: every event evicted to make room for
     one never published), then stop (and release after SIGCONT), sleep, or exit
     holding the lock."""
     w = Writer(name, create=False)
@@ -471,6 +472,9 @@ def hold_lock(name: str, then: str) -> None:
         apply(lib.SC_ADDED, "victim", old["victim"].value, old["victim"].rv, 0)
     elif then == "store_behind":
         apply(lib.SC_ADDED, "half", make_value("half", rv), rv, lib.SC_APPLY_RING)
+    elif then == "bookmark_half":
+        # sc_bookmark's first store only: the header's rv moved, store_rv not
+        lib.sc_store_release(w._map.field("rv"), rv)
     elif then == "evict_all":
         # ring_append's eviction for an event that needs the whole arena,
         # and the holder dies before it writes and publishes that event

@@ -19,7 +19,9 @@ from shmcache import (
     InvalidName,
     InvalidResourceVersion,
     InvalidSize,
+    Item,
     Reader,
+    ResourceVersionTooLarge,
     ShmCacheError,
     ValueTooLarge,
     Writer,
@@ -231,3 +233,28 @@ def test_exception_hierarchy() -> None:
         "Writer", "Reader", "Event", "EventType", "Item", "Snapshot", "ShmCacheError",
         "CacheNotFound", "CacheCorrupted", "CacheClosed", "ResourceExpired", "LockTimeout",
         "CacheFull"}
+
+
+def test_bookmark_advances_the_rv_without_an_event(name: str) -> None:
+    with Writer(name, **SMALL) as w, Reader(name) as r:
+        w.put("a", b"1")
+        w.put("b", b"2")
+        for bad in (2, 1, 0, -5, True, None, "9"):
+            with pytest.raises((InvalidResourceVersion, TypeError)):
+                w.bookmark(bad)  # type: ignore[arg-type]
+        assert (r.resource_version, r.list().rv) == (2, 2)
+        assert w.bookmark(10) == 10
+        assert r.resource_version == 10
+        snap = r.list()
+        assert snap.rv == 10 and [i.key for i in snap.items] == ["a", "b"]
+        assert list(r.interval(10)) == []  # nothing after the bookmark yet
+        assert [e.rv for e in r.interval(1)] == [2]  # and nothing between 2 and 10
+        with pytest.raises(InvalidResourceVersion):
+            w.put("c", b"3", rv=10)
+        assert w.put("c", b"3") == 11
+        assert [(e.key, e.rv) for e in r.interval(10)] == [("c", 11)]
+        assert r.get("c") == Item("c", b"3", 11)
+        assert w.bookmark(20) == 20
+        assert [(e.key, e.rv) for e in r.interval(0)] == [("a", 20), ("b", 20), ("c", 20)]
+        with pytest.raises(ResourceVersionTooLarge):
+            r.interval(21)

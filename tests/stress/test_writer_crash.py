@@ -270,6 +270,37 @@ def test_dead_lock_holder_is_recovered(name: str, then: str, report: Report) -> 
         assert other.put("k", make_value("k", 9)) == newest + 2
 
 
+def test_writer_dead_halfway_through_a_bookmark(name: str, report: Report) -> None:
+    """A holder dies after a bookmark moved the header's rv but before it
+    moved store_rv: readers see rv 3, list() refuses a snapshot it cannot
+    prove (no event explains 2 -> 3) rather than serving one, and the next
+    writer's repair completes the bookmark: list() at 3, its own event at 4."""
+    with ExitStack() as stack:
+        w = stack.enter_context(small_writer(name))
+        w.put("victim", make_value("victim", 1))
+        w.put("k", make_value("k", 2))
+        r = stack.enter_context(Reader(name))
+        before = r.list().items
+        child = stack.enter_context(spawn("hold_lock", {"name": name, "then": "bookmark_half"}))
+        assert child.expect("held") == "held 3"
+        assert child.wait() == 3
+        assert r.resource_version == 3
+        with pytest.raises(ResourceExpired, match="did not hold the events up to resource version 3"):
+            r.list()
+        assert list(r.watch(2, timeout=0)) == []  # nothing happened after 2
+        other = stack.enter_context(Writer(name, create=False, lock_timeout=0.5))
+        assert other.put("after", make_value("after", 4)) == 4
+        snap = r.list()
+        assert snap.rv == 4
+        assert snap.items == sorted([*before, Item("after", make_value("after", 4), 4)])
+        assert [e.rv for e in r.watch(2, timeout=0)] == [4]
+        recovered = lock_recoveries(r)
+        report(checked="a holder dead halfway through a bookmark: list() refuses until the next writer's "
+                       "repair completes it, then a snapshot at the bookmark and the next event after it",
+               events=3, faults=1, failures=0, lock_recoveries=recovered)
+        assert recovered == 1
+
+
 def test_writer_dead_after_evicting_the_whole_window(name: str, report: Report) -> None:
     """A writer makes room for an event that needs the whole arena — it
     evicts every event (start_index = end_index) — and dies before it
