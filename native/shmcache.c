@@ -823,7 +823,7 @@ int sc_replay(struct sc_layout *L)
 /* ---- ring: reader side ---------------------------------------------------- */
 
 /* A consistent window of the ring: out[0] start_index, out[1] end_index,
- * out[2] the effective oldest rv (docs/design.md, "Resource versions": the
+ * out[3] replace_index, out[4] replace_rv (0: none), out[2] the effective oldest rv (docs/design.md, "Resource versions": the
  * oldest held event's, replace_rv + 1 right after a replace with no eviction
  * since, rv + 1 for a ring emptied after events, 0 for a ring that never
  * held one).  Read until start, replace_rv and end are the same after a
@@ -853,6 +853,8 @@ int sc_ring_window(struct sc_layout *L, uint64_t *out)
             out[0] = start;
             out[1] = end;
             out[2] = oldest;
+            out[3] = rep_index;
+            out[4] = rep_rv;
             return SC_OK;
         }
     }

@@ -242,6 +242,7 @@ int sc_recount(struct sc_layout *L);
 int sc_replay(struct sc_layout *L);
 
 /* ---- reader side (lock-free; every value read from the segment is checked) */
+/* out[0..4]: start_index, end_index, oldest rv, replace_index, replace_rv */
 int sc_ring_window(struct sc_layout *L, uint64_t *out);
 int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
                  uint64_t *out_index, uint64_t *out_start);

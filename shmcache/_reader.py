@@ -94,7 +94,7 @@ class Reader:
         self._out_rv = self._out + 1
         self._out_seen = self._out + 2
         self._out32 = ffi.new("uint32_t[1]")
-        self._win = ffi.new("uint64_t[3]")
+        self._win = ffi.new("uint64_t[5]")
         self._value_buf: Any = ffi.new("uint8_t[]", 4096)
         self._value_cap = 4096
 
@@ -147,6 +147,11 @@ class Reader:
         if lib.sc_ring_window(self._layout, w) != lib.SC_OK:
             raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
         return int(w[0]), int(w[1]), int(w[2])
+
+    def _replaced_at(self) -> tuple[int, int]:
+        """(replace_index, replace_rv) of the window last read by _window()."""
+        w = self._win
+        return int(w[3]), int(w[4])
 
     # ---- get / list --------------------------------------------------------
 
@@ -605,10 +610,15 @@ class Interval:
         """The interval after this one, up to the newest event present now
         (it reuses this interval's buffer)."""
         start, end, _ = self._reader._window()
+        rep_index, rep_rv = self._reader._replaced_at()
         nxt = Interval(self._reader, self._last_rv, self.end_index, end, self.raw_prefix,
                        self.buffer_size, None)
         nxt._copy = self._copy
-        if start > self.end_index:
+        # evicted past our position; or replaced right at it: a replace
+        # changes the state without events (and evicts nothing when the ring
+        # was already drained to it), so the events after it do not continue
+        # what we served
+        if start > self.end_index or (rep_rv > self._last_rv and rep_index >= self.end_index):
             nxt._expired()
         return nxt
 

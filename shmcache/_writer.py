@@ -230,12 +230,14 @@ class Writer:
                 self._end(published=result > 0)
         return self._result(result, key, rv)
 
-    def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
+    def put_many(self, items: Iterable[tuple[str, ValueLike | None]], *, rv: int | None = None) -> int:
         """Apply ``(key, value)`` pairs in order under one lock hold, ``None``
-        meaning delete; each gets its own resource version (readers may see
-        a prefix of the batch).  The whole batch is validated first: on any
-        error nothing is changed.  Returns the last resource version (the
-        current one for an empty batch)."""
+        meaning delete; each gets its own resource version, consecutive from
+        ``rv`` if given (it must exceed the current one), else from the
+        current + 1 (readers may see a prefix of the batch).  The whole batch
+        is validated first: on any error nothing is changed.  Returns the
+        last resource version (the current one for an empty batch)."""
+        want = check_rv(rv)
         seq = items if isinstance(items, (list, tuple)) else list(items)
         encoded = _codec.encode_batch(seq, self._arena_bytes, self._max_record)
         if isinstance(encoded, int):
@@ -250,7 +252,7 @@ class Writer:
         failed = ffi.new("uint32_t *")
         g = self.geometry
         with self._locked():
-            first = self._next_rv(None)
+            first = self._next_rv(want or None)
             if first + count - 1 > MAX_RV:
                 raise InvalidResourceVersion(
                     f"a batch of {count} events would pass the last resource version {MAX_RV}")
@@ -291,6 +293,17 @@ class Writer:
         if rc == lib.SC_NOMEM:
             return MemoryError("no scratch memory to check a put_many batch")
         return CacheCorrupted(f"cache {self.name!r}: a put_many batch failed its check (code {rc})")
+
+    def has(self, key: str) -> bool:
+        """Whether the store holds ``key`` now, as this writer sees it
+        (another writer may change that at any moment)."""
+        raw = encode_key(key)
+        with self._thread_lock:
+            self._begin()  # the writer-side lookup reads the store as only a holder may
+            try:
+                return bool(lib.sc_store_lookup(self._layout, raw, len(raw)) >= 0)
+            finally:
+                self._end(published=False)
 
     def bookmark(self, rv: int) -> int:
         """Advance the cache's resource version to ``rv`` without an event:

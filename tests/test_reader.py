@@ -270,3 +270,23 @@ def test_a_signal_during_watch_runs_its_handler_and_the_wait_goes_on(name: str) 
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+
+
+def test_a_watcher_drained_up_to_a_replace_is_told_it_expired(name: str) -> None:
+    # the replace evicts nothing new (the ring was drained to its end) and
+    # publishes no event: continuing after it would skip the state change
+    with Writer(name, capacity=8, arena_bytes=4096, max_keys=8, store_bytes=4096) as w, Reader(name) as r:
+        w.put("a", b"1")
+        w.put("b", b"2")
+        interval = r.interval(1)
+        assert [e.key for e in interval] == ["b"]
+        w.replace([("c", b"3")], rv=10)
+        with pytest.raises(ResourceExpired):
+            interval.continuation()
+        w.put("d", b"4")
+        got = []
+        with pytest.raises(ResourceExpired):
+            for event in r.watch(2, timeout=0.2):  # the same through watch()
+                got.append(event)
+        assert got == []
+        assert [e.key for e in r.watch(10, timeout=0)] == ["d"]  # after a relist: from the replace on
