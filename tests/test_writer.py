@@ -258,3 +258,21 @@ def test_bookmark_advances_the_rv_without_an_event(name: str) -> None:
         assert [(e.key, e.rv) for e in r.interval(0)] == [("a", 20), ("b", 20), ("c", 20)]
         with pytest.raises(ResourceVersionTooLarge):
             r.interval(21)
+
+
+def test_put_many_at_an_explicit_rv_and_has(name: str) -> None:
+    with Writer(name, **SMALL) as w, Reader(name) as r:
+        w.put("a", b"1")
+        assert w.has("a") and not w.has("b")
+        before = (r.list(), r.resource_version)
+        for bad in (1, 0, -1):
+            with pytest.raises((InvalidResourceVersion,)):
+                w.put_many([("b", b"2")], rv=bad)
+        with pytest.raises(TypeError):
+            w.put_many([("b", b"2")], rv="7")  # type: ignore[arg-type]
+        assert (r.list(), r.resource_version) == before
+        assert w.put_many([("b", b"2"), ("a", None)], rv=100) == 101
+        assert [(e.key, e.rv) for e in r.interval(1)] == [("b", 100), ("a", 101)]
+        assert w.has("b") and not w.has("a")
+        assert w.put_many([], rv=200) == 101  # an empty batch changes nothing
+        assert w.put("c", b"3") == 102
