@@ -82,13 +82,18 @@ class Mirror:
         return key
 
     def relist(self, revision: int, kvs: Iterable[KeyValue]) -> int:
-        """Replace the cache by the listing of the prefix at ``revision``."""
-        items: dict[str, bytes] = {}
+        """Replace the cache by the listing of the prefix at ``revision``.
+        Each item keeps the RV of its etcd mod_revision (index 0: a listing
+        does not tell a key's place in its transaction), so a host that
+        listed and one that followed the watch agree on every item's
+        revision_of(rv) — and on the whole rv for keys changed alone."""
+        items: dict[str, tuple[bytes, int]] = {}
         for kv in kvs:
             key = self.key_of(kv.key)
             if key is not None:
-                items[key] = kv.value
-        rv = self.writer.replace(items.items(), rv=rv_after(revision))
+                items[key] = (kv.value, rv_of(kv.mod_revision, 0))
+        rv = self.writer.replace([(k, v, item_rv) for k, (v, item_rv) in items.items()],
+                                 rv=rv_after(revision))
         self.revision = revision
         return rv
 

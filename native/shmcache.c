@@ -707,19 +707,20 @@ int sc_stage_begin(struct sc_layout *L, uint64_t rv)
 /* Add one record of the new state (keys unique, sizes checked by the caller
  * against store_bytes and max_keys). */
 int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
-                 const uint8_t *value, uint32_t value_len)
+                 const uint8_t *value, uint32_t value_len, uint64_t rv)
 {
     struct sc_header *h = hdr(L);
     uint64_t size = sc_record_size(key_len, value_len);
     if (h->op_state != SC_OP_REPLACING || key_len == 0 || key_len > SC_MAX_KEY_BYTES ||
-        size > L->max_record || L->heap_bytes - (h->heap_head - h->heap_tail) < size)
+        size > L->max_record || L->heap_bytes - (h->heap_head - h->heap_tail) < size ||
+        rv == 0 || rv > h->op_arg)
         return SC_CORRUPT;
     struct sc_index_entry *t = table(L, h->op_table);
     uint64_t hash = sc_hash(L->hash_seed, key, key_len), mask = L->index_slots - 1, j = hash & mask;
     for (uint64_t n = 0; t[j].ptr != 0; j = (j + 1) & mask)
         if (++n == L->index_slots)
             return SC_CORRUPT;
-    uint64_t pos = heap_append(L, key, key_len, value, value_len, h->op_arg, hash);
+    uint64_t pos = heap_append(L, key, key_len, value, value_len, rv, hash);
     t[j].hash = hash;
     t[j].ptr = pos + 1;
     return SC_OK;

@@ -235,7 +235,7 @@ int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *ow
 void sc_lock_release(struct sc_layout *L, int notify);
 int sc_stage_begin(struct sc_layout *L, uint64_t rv);
 int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
-                 const uint8_t *value, uint32_t value_len);
+                 const uint8_t *value, uint32_t value_len, uint64_t rv);
 void sc_stage_abandon(struct sc_layout *L);
 int sc_stage_switch(struct sc_layout *L);
 int sc_recount(struct sc_layout *L);

@@ -317,11 +317,14 @@ class Writer:
             result = lib.sc_bookmark(self._layout, rv)
         return self._result(result, "", rv)
 
-    def replace(self, items: Iterable[tuple[str, ValueLike]], *, rv: int) -> int:
+    def replace(self, items: Iterable[tuple[str, ValueLike] | tuple[str, ValueLike, int]], *, rv: int) -> int:
         """Make the store exactly ``items`` at resource version ``rv`` (a
         relist, as Kubernetes' Replace) and empty the ring's window: readers
-        of the old window get ResourceExpired at their next refill.  Keys
-        must be unique.  Returns ``rv``.
+        of the old window get ResourceExpired at their next refill.  Items
+        are ``(key, value)``, the item's RV then being ``rv``, or ``(key,
+        value, item_rv)`` with 1 <= item_rv <= rv (the RV that last changed
+        it upstream, as etcd's mod_revision).  Keys must be unique.  Returns
+        ``rv``.
 
         Atomic for readers and across a crash: the new state is built beside
         the old one, which readers keep seeing until one switch; a writer
@@ -330,16 +333,21 @@ class Writer:
         writer (docs/design.md, "replace()")."""
         if rv is None:
             raise TypeError("replace() needs an explicit rv")
-        batch: dict[bytes, bytes] = {}
+        want = check_rv(rv)
+        batch: dict[bytes, tuple[bytes, int]] = {}
         need_bytes = 0
         for item in items:
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise TypeError(f"replace items are (key, value) pairs, not {item!r:.60}")
-            key, value = item
+            if not isinstance(item, tuple) or len(item) not in (2, 3):
+                raise TypeError(f"replace items are (key, value[, rv]) tuples, not {item!r:.60}")
+            key, value = item[0], item[1]
+            item_rv = want if len(item) == 2 else check_rv(item[2])
+            if not 1 <= item_rv <= want:
+                raise InvalidResourceVersion(f"item {key!r}: rv {item_rv} must be in [1, {rv}]")
             raw = encode_key(key)
             if raw in batch:
                 raise InvalidKey(f"duplicate key {key!r} in replace()")
-            data = batch[raw] = self._check_value(raw, _as_bytes(value))
+            data = self._check_value(raw, _as_bytes(value))
+            batch[raw] = (data, item_rv)
             need_bytes += lib.sc_record_size(len(raw), len(data))
         g = self.geometry
         if len(batch) > g.max_keys or need_bytes > g.store_bytes:
@@ -353,12 +361,12 @@ class Writer:
             self._commit_replace()
         return new_rv
 
-    def _stage(self, batch: dict[bytes, bytes], rv: int) -> None:
+    def _stage(self, batch: dict[bytes, tuple[bytes, int]], rv: int) -> None:
         """Build the new state in the inactive table (op_state REPLACING:
         abandoned if the holder dies); then mark it complete (COMMITTING)."""
         self._check_rc(lib.sc_stage_begin(self._layout, rv), "staging a replace()")
-        for raw, data in batch.items():
-            self._check_rc(lib.sc_stage_put(self._layout, raw, len(raw), data, len(data)),
+        for raw, (data, item_rv) in batch.items():
+            self._check_rc(lib.sc_stage_put(self._layout, raw, len(raw), data, len(data), item_rv),
                            "staging a replace()")
         lib.sc_store_release(self._map.field("op_state"), lib.SC_OP_COMMITTING)
 

@@ -96,18 +96,30 @@ def test_two_hosts_hold_the_same_state_at_the_same_rv(etcd: EtcdServer) -> None:
             assert [(i.key, i.value) for i in one.items] == [("a", b"111"), ("c", b"3"), ("e", b"5")]
 
 
-@pytest.mark.xfail(strict=True, reason="a relist gives every item the listing's RV, a follower the RV of the "
-                                       "event that set it: the items' RVs differ between hosts (open design "
-                                       "point of the etcd source: per-item RVs in replace())")
 def test_two_hosts_hold_the_same_item_rvs(etcd: EtcdServer) -> None:
+    # keys changed alone: identical list() on both hosts, item RVs included;
+    # keys of one multi-key transaction: the same etcd revision, not the same
+    # place inside it (a listing cannot tell a key's place in its transaction)
     etcd.put(b"/app/a", b"1")
     with mirrored(etcd) as (early, client, r1):
         early.relist(*client.range_prefix(PREFIX))
-        last = etcd.put(b"/app/b", b"2")
+        etcd.put(b"/app/b", b"2")
+        etcd.delete(b"/app/a")
+        last = etcd.put(b"/app/c", b"3")
         follow(early, client, last)
         with mirrored(etcd) as (late, client2, r2):
             late.relist(*client2.range_prefix(PREFIX))
             assert r1.list() == r2.list()
+            assert [revision_of(i.rv) for i in r2.list().items] == [last - 2, last]
+            txn = etcd.txn([(b"/app/x", b"x"), (b"/app/y", b"y")])
+            follow(early, client, txn)
+        with mirrored(etcd) as (late, client3, r3):
+            late.relist(*client3.range_prefix(PREFIX))
+            one, two = r1.list(), r3.list()
+            assert one.rv == two.rv and [(i.key, i.value) for i in one.items] == [(i.key, i.value) for i in two.items]
+            assert [revision_of(i.rv) for i in one.items] == [revision_of(i.rv) for i in two.items]
+            assert {i.key: i.rv for i in one.items}["y"] == rv_of(txn, 1)  # its place in the transaction
+            assert {i.key: i.rv for i in two.items}["y"] == rv_of(txn, 0)  # unknown to a listing
 
 
 def test_keys_that_are_not_cache_keys_are_skipped_and_counted(etcd: EtcdServer) -> None:
@@ -138,14 +150,14 @@ def test_compaction_while_away_means_a_relist_and_expired_watchers(etcd: EtcdSer
         m.relist(*client.range_prefix(PREFIX))
         old = r.resource_version
         watcher = r.interval(old)  # a reader following the cache
-        etcd.put(b"/app/b", b"2")
+        b_rev = etcd.put(b"/app/b", b"2")
         last = etcd.put(b"/app/a", b"11")
         etcd.compact(last)
         with pytest.raises(EtcdCompacted):
             follow(m, client, last)  # the mirror was away: its resume revision is gone
         m.relist(*client.range_prefix(PREFIX))
         assert m.revision == last
-        assert r.list() == (rv_after(last), [Item("a", b"11", rv_after(last)), Item("b", b"2", rv_after(last))])
+        assert r.list() == (rv_after(last), [Item("a", b"11", rv_of(last, 0)), Item("b", b"2", rv_of(b_rev, 0))])
         with pytest.raises(ResourceExpired):
             list(watcher.continuation())  # readers relist, as from Kubernetes' 410
         with pytest.raises(ResourceExpired):

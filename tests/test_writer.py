@@ -276,3 +276,21 @@ def test_put_many_at_an_explicit_rv_and_has(name: str) -> None:
         assert w.has("b") and not w.has("a")
         assert w.put_many([], rv=200) == 101  # an empty batch changes nothing
         assert w.put("c", b"3") == 102
+
+
+def test_replace_with_item_rvs(name: str) -> None:
+    with Writer(name, **SMALL) as w, Reader(name) as r:
+        w.put("old", b"0")
+        before = (r.list(), r.resource_version)
+        for bad in ([("a", b"1", 0)], [("a", b"1", 11)], [("a", b"1", -1)]):
+            with pytest.raises(InvalidResourceVersion):
+                w.replace(bad, rv=10)
+        for bad_type in ([("a", b"1", "3")], [("a", b"1", True)], [("a", b"1", 2, 3)]):
+            with pytest.raises(TypeError):
+                w.replace(bad_type, rv=10)  # type: ignore[arg-type]
+        assert (r.list(), r.resource_version) == before
+        assert w.replace([("a", b"1", 3), ("b", b"2"), ("c", b"3", 10)], rv=10) == 10
+        assert r.list() == (10, [Item("a", b"1", 3), Item("b", b"2", 10), Item("c", b"3", 10)])
+        assert r.get("a") == Item("a", b"1", 3)
+        assert w.put("a", b"11") == 11
+        assert r.get("a") == Item("a", b"11", 11)
