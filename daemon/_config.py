@@ -68,6 +68,42 @@ def _group(text: Any) -> int:
         raise ValueError(f"no group named {text!r}") from None
 
 
+def _source(text: Any) -> str:
+    source = str(text).lower()
+    if source not in ("local", "etcd"):
+        raise ValueError("must be local or etcd")
+    return source
+
+
+def _endpoints(text: Any) -> tuple[str, ...]:
+    items = text if isinstance(text, list) else str(text).split(",")
+    endpoints = tuple(str(i).strip() for i in items if str(i).strip())
+    if not endpoints:
+        raise ValueError("must name at least one endpoint")
+    from ._etcd import EtcdClient
+
+    EtcdClient(list(endpoints))  # the same validation the source applies
+    return endpoints
+
+
+def _prefix(text: Any) -> str:
+    prefix = str(text)
+    if not prefix:
+        raise ValueError("must not be empty")
+    return prefix
+
+
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _level(text: Any) -> str:
     level = str(text).lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -108,6 +144,14 @@ OPTIONS = [
     Option("lock-timeout", 5.0, _seconds, "wait for a live holder of the writers' lock, in seconds"),
     Option("heartbeat", 1.0, _seconds, "heartbeat and status interval, in seconds"),
     Option("log-level", "info", _level, "debug, info, warning or error"),
+    Option("source", "local", _source, "local (producers write) or etcd (mirror an etcd prefix)"),
+    Option("etcd-endpoints", None, _endpoints, "etcd client URLs, comma-separated (--source etcd)"),
+    Option("etcd-prefix", None, _prefix, "the etcd key prefix to mirror (--source etcd)"),
+    Option("etcd-keep-prefix", False, _bool, "keep the prefix in cache keys"),
+    Option("etcd-ca", None, str, "CA bundle for https:// endpoints"),
+    Option("etcd-cert", None, str, "client certificate for https:// endpoints"),
+    Option("etcd-key", None, str, "client certificate's key"),
+    Option("allow-local-writes", False, _bool, "with --source etcd: accept producers' writes too"),
 ]
 
 
@@ -130,6 +174,14 @@ class Config:
     lock_timeout: float
     heartbeat: float
     log_level: str
+    source: str
+    etcd_endpoints: tuple[str, ...] | None
+    etcd_prefix: str | None
+    etcd_keep_prefix: bool
+    etcd_ca: str | None
+    etcd_cert: str | None
+    etcd_key: str | None
+    allow_local_writes: bool
 
 
 def _env_name(option: str) -> str:
@@ -210,6 +262,17 @@ def parse(argv: list[str] | None = None) -> Config:
     except InvalidSize as err:
         option = str(err).split("=", 1)[0].replace("_", "-")
         raise ConfigError(f"--{option}: {err}") from None
+    if values["source"] == "etcd":
+        for needed in ("etcd_endpoints", "etcd_prefix"):
+            if values[needed] is None:
+                raise ConfigError(f"--{needed.replace('_', '-')}: needed with --source etcd")
+        try:
+            from ._etcd import EtcdClient
+
+            EtcdClient(list(values["etcd_endpoints"]), ca=values["etcd_ca"], cert=values["etcd_cert"],
+                       key=values["etcd_key"])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--etcd-ca/--etcd-cert/--etcd-key: {err}") from None
     if len(values["socket"].encode()) > 107:
         raise ConfigError(f"--socket: {values['socket']!r} is longer than a Unix socket path may be")
     return Config(**values)

@@ -26,7 +26,9 @@ from shmcache import _protocol as proto
 from shmcache._layout import sem_name, shm_name
 
 from ._config import Config
+from ._etcd import EtcdClient
 from ._notify import Notifier
+from ._upstream import Upstream
 
 __all__ = ["Daemon"]
 
@@ -63,6 +65,7 @@ class Daemon:
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
         self.events_per_s = 0.0
+        self.upstream: Upstream | None = None  # the etcd source's thread, if any
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -109,6 +112,13 @@ class Daemon:
         self.writer.heartbeat()
         self.selector.register(self.listener, selectors.EVENT_READ, "listener")
         self.selector.register(wake_r, selectors.EVENT_READ, "wakeup")
+        if c.source == "etcd":
+            assert c.etcd_endpoints is not None and c.etcd_prefix is not None
+            client = EtcdClient(list(c.etcd_endpoints), ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key)
+            self.upstream = Upstream(self.writer, client, c.etcd_prefix.encode(),
+                                     keep_prefix=c.etcd_keep_prefix)
+            self.upstream.start()
+            log.info("mirroring etcd prefix %r from %s", c.etcd_prefix, ", ".join(c.etcd_endpoints))
         if not self.stop_signal:
             log.info("cache %r (epoch %016x) ready: %d events, %d keys; producers on %s",
                      c.name, self.writer._h.epoch, c.capacity, c.max_keys, c.socket)
@@ -172,6 +182,8 @@ class Daemon:
                     self._flush(pending)
         for client in list(self.clients.values()):
             self._drop(client, "shutdown")
+        if self.upstream is not None:
+            self.upstream.stop()
         rv = self.writer.resource_version
         self.writer.close()  # closed flag, futex wake, unlink of segment and semaphore
         log.info("cache %r closed at rv %d after %d requests", self.config.name, rv, self.requests)
@@ -333,6 +345,11 @@ class Daemon:
             if request.op == proto.Op.STATS:
                 return proto.encode_reply(proto.Status.OK, w.resource_version,
                                           json.dumps(self.stats()).encode())
+            if self.config.source != "local" and not self.config.allow_local_writes:
+                self.rejected += 1
+                return proto.encode_reply(proto.Status.READ_ONLY, 0,
+                                          b"this cache mirrors an etcd prefix: write to etcd "
+                                          b"(or start shmcached with --allow-local-writes)")
             rv = request.rv or None
             if request.op == proto.Op.PUT:
                 key, value = request.items[0]
@@ -411,6 +428,8 @@ class Daemon:
             "rejected": self.rejected,
             "events_per_s": round(self.events_per_s, 1),
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "source": self.config.source,
+            "upstream": self.upstream.state() if self.upstream is not None else None,
         }
 
     def _status(self) -> str:
@@ -420,5 +439,11 @@ class Daemon:
         if now > then:
             self.events_per_s = (written - before) / (now - then)
         self._rate_mark = (now, written)
-        return (f"rv {self.writer.resource_version}, {self.events_per_s:.0f} events/s, "
+        text = (f"rv {self.writer.resource_version}, {self.events_per_s:.0f} events/s, "
                 f"{len(self.clients)} producers")
+        up = self.upstream
+        if up is not None:
+            since = up.state()["disconnected_since"]
+            text += (f"; etcd revision {up.mirror.revision}" if up.connected
+                     else f"; upstream disconnected since {since}" if since else "; upstream connecting")
+        return text

@@ -1,0 +1,110 @@
+"""shmcached --source etcd: a real daemon process mirroring a real etcd's
+prefix into its cache, refusing local writes, riding out etcd's death."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmcache import Item, Producer, ProtocolError, Reader
+
+from ._daemon_helpers import Daemon, daemon_env, running
+from ._etcd import EtcdServer
+from .helpers import unique_name
+
+DEADLINE = 30.0
+
+
+def eventually(what: str, check: Callable[[], Any]) -> Any:
+    """check()'s first truthy value, within DEADLINE seconds."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {DEADLINE} s: {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def mirroring(etcd: EtcdServer, tmp_path: Path, *extra: str) -> Iterator[Daemon]:
+    name = unique_name("etcd")
+    with running(name, str(tmp_path / "d.sock"), tmp_path / "d.log", "--source", "etcd",
+                 "--etcd-endpoints", etcd.url, "--etcd-prefix", "/app/", *extra) as d:
+        yield d
+
+
+def get(name: str, key: str) -> Item | None:
+    with Reader(name) as r:
+        return r.get(key)
+
+
+def test_the_daemon_mirrors_the_prefix_and_refuses_local_writes(etcd: EtcdServer, tmp_path: Path) -> None:
+    etcd.put(b"/app/a", b"1")
+    etcd.put(b"/elsewhere", b"x")
+    with mirroring(etcd, tmp_path) as d:
+        assert d.name is not None and d.socket is not None
+        eventually("the listing", lambda: get(d.name, "a"))  # type: ignore[arg-type]
+        rev = etcd.put(b"/app/b", b"2")
+        item = eventually("a live put", lambda: get(d.name, "b"))  # type: ignore[arg-type]
+        assert item.value == b"2" and item.rv >> 16 == rev
+        assert get(d.name, "elsewhere") is None
+        with Producer(d.socket) as p:
+            with pytest.raises(ProtocolError, match="mirrors an etcd prefix"):
+                p.put("local", b"no")
+            up = eventually("the upstream connected", lambda: p.stats()["upstream"]["connected"] and p.stats())
+            assert up["source"] == "etcd" and up["upstream"]["revision"] >= rev
+        assert get(d.name, "local") is None
+
+
+def test_local_writes_when_allowed(etcd: EtcdServer, tmp_path: Path) -> None:
+    with mirroring(etcd, tmp_path, "--allow-local-writes", "true") as d:
+        assert d.name is not None and d.socket is not None
+        with Producer(d.socket) as p:
+            assert p.put("local", b"yes") > 0
+
+
+def test_etcd_dies_and_comes_back_without_a_gap(etcd: EtcdServer, tmp_path: Path) -> None:
+    etcd.put(b"/app/k", b"0")
+    with mirroring(etcd, tmp_path) as d:
+        assert d.name is not None and d.socket is not None
+        name = d.name
+        eventually("the listing", lambda: get(name, "k"))
+        with Reader(name) as r:
+            since = r.resource_version
+            for i in range(1, 6):
+                etcd.put(b"/app/k", str(i).encode())
+            eventually("five puts", lambda: get(name, "k") == Item("k", b"5", get(name, "k").rv))  # type: ignore[union-attr]
+            etcd.kill()
+            with Producer(d.socket) as p:
+                state = eventually("the upstream marked disconnected",
+                                   lambda: (not p.stats()["upstream"]["connected"]) and p.stats())
+                assert state["upstream"]["disconnected_since"]
+                assert get(name, "k") is not None  # the last state is still served
+                etcd.start()
+                for i in range(6, 11):
+                    etcd.put(b"/app/k", str(i).encode())
+                eventually("the puts after the restart", lambda: get(name, "k") is not None
+                           and get(name, "k").value == b"10")  # type: ignore[union-attr]
+                assert p.stats()["upstream"]["connected"]
+            values = [e.value for e in r.interval(since)]
+            assert values == [str(i).encode() for i in range(1, 11)]  # every change, in order, once
+
+
+def test_bad_etcd_configuration_is_refused(tmp_path: Path) -> None:
+    for args, message in ((["--source", "etcd", "--etcd-prefix", "/a/"], "--etcd-endpoints"),
+                          (["--source", "etcd", "--etcd-endpoints", "http://127.0.0.1:2379"], "--etcd-prefix"),
+                          (["--source", "etcd", "--etcd-endpoints", "ftp://x", "--etcd-prefix", "/a/"], "ftp://x"),
+                          (["--source", "nope"], "--source")):
+        done = subprocess.run([sys.executable, "-m", "shmcached", "--name", unique_name("bad"), *args],
+                              capture_output=True, text=True, timeout=60, env=daemon_env(None))
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
