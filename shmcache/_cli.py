@@ -415,10 +415,24 @@ def status_of(name: str) -> dict[str, Any]:
             "events_written": int(h.events_written),
             "events_evicted": int(h.events_evicted),
         }
+    status["upstream"] = _upstream_of(status["socket"])
     processes, uninspected = mapping_processes(name)
     status["processes"] = processes
     status["uninspected_processes"] = uninspected
     return status
+
+
+def _upstream_of(socket_path: str | None) -> dict[str, Any] | None:
+    """The daemon's upstream state (an etcd source), from its STATS; None if
+    it has none or cannot be asked (no daemon, no permission)."""
+    if not socket_path:
+        return None
+    try:
+        with Producer(socket_path, timeout=2.0) as p:
+            upstream: dict[str, Any] | None = p.stats().get("upstream")
+    except (ShmCacheError, OSError, ValueError):
+        return None
+    return upstream
 
 
 def _plural(n: int, noun: str) -> str:
@@ -427,6 +441,18 @@ def _plural(n: int, noun: str) -> str:
 
 def _fill(part: int, whole: int, unit: str) -> str:
     return f"{part} of {whole} {unit} ({100 * part / whole:.0f}%)" if whole else f"{part} {unit}"
+
+
+def _upstream_text(up: dict[str, Any]) -> str:
+    if up["connected"]:
+        text = f"etcd, following revision {up['revision']}"
+    elif up["disconnected_since"]:
+        text = f"etcd, disconnected since {up['disconnected_since']} ({up['last_error']}); serving revision {up['revision']}"
+    else:
+        text = "etcd, connecting"
+    if up["skipped_keys"]:
+        text += f"; {up['skipped_keys']} keys skipped (not UTF-8)"
+    return text
 
 
 def _print_status(s: dict[str, Any]) -> None:
@@ -448,6 +474,7 @@ def _print_status(s: dict[str, Any]) -> None:
         ("store", ", ".join((_fill(store["keys"], store["max_keys"], "keys"),
                              _fill(store["bytes"], store["store_bytes"], "bytes")))),
         ("events", f"{s['events_written']} written, {s['events_evicted']} evicted"),
+        *([("upstream", _upstream_text(s["upstream"]))] if s.get("upstream") else []),
         ("mapped by", _plural(len(s["processes"]), "other process")
                       + (f" ({s['uninspected_processes']} not inspectable)" if s["uninspected_processes"] else "")),
     ]

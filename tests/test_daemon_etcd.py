@@ -88,6 +88,9 @@ def test_etcd_dies_and_comes_back_without_a_gap(etcd: EtcdServer, tmp_path: Path
                 state = eventually("the upstream marked disconnected",
                                    lambda: (not p.stats()["upstream"]["connected"]) and p.stats())
                 assert state["upstream"]["disconnected_since"]
+                shown = subprocess.run([sys.executable, "-m", "shmcache", "--name", name, "status"],
+                                       capture_output=True, text=True, timeout=60)
+                assert "upstream:   etcd, disconnected since" in shown.stdout, shown.stdout + shown.stderr
                 assert get(name, "k") is not None  # the last state is still served
                 etcd.start()
                 for i in range(6, 11):
