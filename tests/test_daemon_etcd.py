@@ -3,6 +3,8 @@ prefix into its cache, refusing local writes, riding out etcd's death."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shmcache import Item, Producer, ProtocolError, Reader
+from shmcache import Item, Producer, ProtocolError, Reader, ResourceExpired
 
 from ._daemon_helpers import Daemon, daemon_env, running
 from ._etcd import EtcdServer
@@ -111,3 +113,57 @@ def test_bad_etcd_configuration_is_refused(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60, env=daemon_env(None))
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+
+
+def test_two_daemons_reach_the_same_state_at_the_same_rv(etcd: EtcdServer, tmp_path: Path) -> None:
+    # two cache names stand for two hosts; one follows from early on, the
+    # other lists late: at the same RV they hold identical list()s
+    etcd.put(b"/app/a", b"1")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with mirroring(etcd, tmp_path / "one") as first:
+        assert first.name is not None
+        one = first.name
+        eventually("the first listing", lambda: get(one, "a"))
+        etcd.put(b"/app/b", b"2")
+        etcd.delete(b"/app/a")
+        etcd.put(b"/app/c", b"3")
+        last = etcd.put(b"/app/b", b"22")
+        with mirroring(etcd, tmp_path / "two") as second:
+            assert second.name is not None
+            two = second.name
+            with Reader(one) as r1, Reader(two) as r2:
+                eventually("both at the last revision",
+                           lambda: r1.resource_version >> 16 >= last and r2.resource_version >> 16 >= last)
+                # progress notifications keep both moving: compare at one RV
+                snaps = eventually("one RV on both", lambda: (lambda a, b: a.rv == b.rv and (a, b))(
+                    r1.list(), r2.list()))
+                assert snaps[0] == snaps[1]
+                assert [(i.key, i.value) for i in snaps[0].items] == [("b", b"22"), ("c", b"3")]
+
+
+def test_compaction_while_the_daemon_is_away(etcd: EtcdServer, tmp_path: Path) -> None:
+    etcd.put(b"/app/k", b"0")
+    with mirroring(etcd, tmp_path) as d:
+        assert d.name is not None and d.socket is not None
+        name = d.name
+        eventually("the listing", lambda: get(name, "k"))
+        with Reader(name) as r, Producer(d.socket) as p:
+            watcher = r.interval(r.resource_version)
+            assert list(watcher) == []
+            etcd.kill()
+            eventually("the upstream marked disconnected", lambda: not p.stats()["upstream"]["connected"])
+            os.kill(d.pid, signal.SIGSTOP)  # it cannot reconnect before the compaction
+            try:
+                etcd.start()
+                etcd.put(b"/app/k", b"1")
+                last = etcd.put(b"/app/k", b"2")
+                etcd.compact(last)
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            eventually("the relisted value", lambda: get(name, "k") is not None
+                       and get(name, "k").value == b"2")  # type: ignore[union-attr]
+            assert p.stats()["upstream"]["relists"] >= 2
+            with pytest.raises(ResourceExpired):
+                list(watcher.continuation())  # never a silent gap: the reader relists
+            assert r.list().rv >> 16 >= last
