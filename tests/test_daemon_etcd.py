@@ -18,7 +18,7 @@ import pytest
 from shmcache import Item, Producer, ProtocolError, Reader, ResourceExpired
 
 from ._daemon_helpers import Daemon, daemon_env, running
-from ._etcd import EtcdServer
+from ._etcd import EtcdServer, dead_endpoint
 from .helpers import unique_name
 
 DEADLINE = 30.0
@@ -42,6 +42,14 @@ def mirroring(etcd: EtcdServer, tmp_path: Path, *extra: str) -> Iterator[Daemon]
     with running(name, str(tmp_path / "d.sock"), tmp_path / "d.log", "--source", "etcd",
                  "--etcd-endpoints", etcd.url, "--etcd-prefix", "/app/", *extra) as d:
         yield d
+
+
+def listed(d: Daemon, key: str) -> tuple[str, str]:
+    """(cache name, socket) of ``d`` once its first listing holds ``key``."""
+    assert d.name is not None and d.socket is not None
+    name = d.name
+    eventually("the listing", lambda: get(name, key))
+    return name, d.socket
 
 
 def get(name: str, key: str) -> Item | None:
@@ -77,16 +85,14 @@ def test_local_writes_when_allowed(etcd: EtcdServer, tmp_path: Path) -> None:
 def test_etcd_dies_and_comes_back_without_a_gap(etcd: EtcdServer, tmp_path: Path) -> None:
     etcd.put(b"/app/k", b"0")
     with mirroring(etcd, tmp_path) as d:
-        assert d.name is not None and d.socket is not None
-        name = d.name
-        eventually("the listing", lambda: get(name, "k"))
+        name, sock = listed(d, "k")
         with Reader(name) as r:
             since = r.resource_version
             for i in range(1, 6):
                 etcd.put(b"/app/k", str(i).encode())
             eventually("five puts", lambda: get(name, "k") == Item("k", b"5", get(name, "k").rv))  # type: ignore[union-attr]
             etcd.kill()
-            with Producer(d.socket) as p:
+            with Producer(sock) as p:
                 state = eventually("the upstream marked disconnected",
                                    lambda: (not p.stats()["upstream"]["connected"]) and p.stats())
                 assert state["upstream"]["disconnected_since"]
@@ -145,10 +151,8 @@ def test_two_daemons_reach_the_same_state_at_the_same_rv(etcd: EtcdServer, tmp_p
 def test_compaction_while_the_daemon_is_away(etcd: EtcdServer, tmp_path: Path) -> None:
     etcd.put(b"/app/k", b"0")
     with mirroring(etcd, tmp_path) as d:
-        assert d.name is not None and d.socket is not None
-        name = d.name
-        eventually("the listing", lambda: get(name, "k"))
-        with Reader(name) as r, Producer(d.socket) as p:
+        name, sock = listed(d, "k")
+        with Reader(name) as r, Producer(sock) as p:
             watcher = r.interval(r.resource_version)
             assert list(watcher) == []
             etcd.kill()
@@ -167,3 +171,14 @@ def test_compaction_while_the_daemon_is_away(etcd: EtcdServer, tmp_path: Path) -
             with pytest.raises(ResourceExpired):
                 list(watcher.continuation())  # never a silent gap: the reader relists
             assert r.list().rv >> 16 >= last
+
+
+def test_the_daemon_fails_over_to_a_live_endpoint(etcd: EtcdServer, tmp_path: Path) -> None:
+    etcd.put(b"/app/a", b"1")
+    with dead_endpoint() as dead:
+        name = unique_name("etcd")
+        with running(name, str(tmp_path / "d.sock"), tmp_path / "d.log", "--source", "etcd",
+                     "--etcd-endpoints", f"{dead},{etcd.url}", "--etcd-prefix", "/app/") as d:
+            listed(d, "a")
+            etcd.put(b"/app/b", b"2")
+            eventually("a put through the second endpoint", lambda: get(name, "b"))

@@ -232,3 +232,22 @@ def test_example_env_names_only_daemon_options() -> None:
     known = {"SHMCACHED_" + option.upper().replace("-", "_") for option in _daemon_options() | {"config"}}
     assert set(variables) <= known, set(variables) - known
     assert "EnvironmentFile=-/etc/shmcache/%i.env" in UNIT.read_text().splitlines()
+
+
+@needs_systemd
+def test_etcd_drop_in_verifies_and_opens_only_the_network(tmp_path: Path) -> None:
+    """systemd/etcd-source.conf, applied to the unit (a drop-in's [Service]
+    lines come after the unit's): verify says nothing; the network is open
+    to the allowed addresses only, the rest of the sandbox unchanged."""
+    drop_in = (UNIT.parent / "etcd-source.conf").read_text()
+    merged = UNIT.read_text() + "\n" + drop_in
+    unit = _instance(tmp_path, merged)
+    result = _run(_tool("systemd-analyze"), "verify", "--man=no", "--recursive-errors=yes", str(unit))
+    assert _lines(result) == [], "systemd-analyze verify complained:\n" + "\n".join(_lines(result))
+    base, settings = _service_settings(UNIT.read_text()), _service_settings(merged)
+    assert settings["PrivateNetwork"][-1] == "no"
+    assert "AF_INET" in settings["RestrictAddressFamilies"][-1].split()
+    assert settings["IPAddressDeny"] == base["IPAddressDeny"] == ["any"]
+    assert settings["IPAddressAllow"] == ["localhost"]
+    changed = {k for k in settings if settings[k] != base.get(k)}
+    assert changed == {"PrivateNetwork", "RestrictAddressFamilies", "IPAddressAllow"}
