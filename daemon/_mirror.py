@@ -125,7 +125,7 @@ class Mirror:
                 continue
             if event.type == "DELETE":
                 if key not in present:
-                    present[key] = self.writer_has(key)
+                    present[key] = self.writer.has(key)
                 if not present[key]:
                     continue  # never held (skipped, or deleted twice): nothing to tell readers
                 items.append((key, None))
@@ -140,7 +140,3 @@ class Mirror:
         # revision's events or listed at it
         self.writer.bookmark(rv_after(revision))
         self.revision = revision
-
-    def writer_has(self, key: str) -> bool:
-        """Whether the cache holds ``key`` now (the writer's own store)."""
-        return self.writer.has(key)

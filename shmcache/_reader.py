@@ -31,7 +31,6 @@ from .exceptions import (
 __all__ = ["Interval", "RawBatch", "Reader"]
 
 _META = struct.Struct("<QIIII")
-_TYPES = (None, EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
 _EVENT_TYPES = (EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
 _new_event = tuple.__new__
 #: what watch_batches() and Interval.batches() yield (``list`` is a method name in Reader)
