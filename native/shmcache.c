@@ -19,6 +19,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <time.h>
+#include <stddef.h>
+#include <fcntl.h>
+#include <semaphore.h>
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
@@ -29,6 +32,12 @@ _Static_assert(sizeof(struct sc_header) == 4096, "header must be one page");
 _Static_assert(sizeof(struct sc_slot) == 32, "slot size");
 _Static_assert(sizeof(struct sc_record) == SC_RECORD_HEADER_BYTES, "record header size");
 _Static_assert(sizeof(struct sc_index_entry) == 16, "index entry size");
+_Static_assert(offsetof(struct sc_header, lock_token) % 16 == 0, "the lock word is one aligned 16-byte word");
+_Static_assert(offsetof(struct sc_header, lock_start) == offsetof(struct sc_header, lock_token) + 8,
+               "lock_start is the lock word's second half");
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "the writers' lock needs a lock-free 16-byte compare-and-swap (x86-64 cmpxchg16b, AArch64 casp/ldxp)"
+#endif
 
 #define TOMBSTONE UINT64_MAX
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
@@ -50,9 +59,33 @@ uint64_t sc_fetch_add(uint64_t *addr, uint64_t delta) { return __atomic_fetch_ad
 void sc_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 void sc_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
+/* ---- the readers' guard ---------------------------------------------------
+ * A Reader may be closed by one thread while others are inside the mapping
+ * (copying, or asleep in a watch).  Every reader function enters the guard
+ * first and leaves it last; sc_detach sets `closing`, then waits for
+ * `users` to drop to zero before the caller unmaps.  Sequentially
+ * consistent on both sides (a Dekker pair): either the entering thread sees
+ * `closing`, or sc_detach sees its count. */
+
+static int enter(struct sc_layout *L)
+{
+    __atomic_fetch_add(&L->users, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&L->closing, __ATOMIC_SEQ_CST)) {
+        __atomic_fetch_sub(&L->users, 1, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    if (__atomic_load_n(&((struct sc_header *)L->base)->closed, __ATOMIC_ACQUIRE)) {
+        __atomic_fetch_sub(&L->users, 1, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    return 1;
+}
+
+static void leave(struct sc_layout *L) { __atomic_fetch_sub(&L->users, 1, __ATOMIC_SEQ_CST); }
+
 /* ---- futex -------------------------------------------------------------- */
 
-int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns)
+static int futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns)
 {
     struct timespec ts, *tsp = NULL;
     if (timeout_ns >= 0) {
@@ -66,52 +99,113 @@ int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns)
     return rc == 0 ? 0 : errno;
 }
 
-/* A reader's wait for end_index > position: SC_WAIT_PASSED, SC_WAIT_CLOSED
- * (the owner closed the segment), SC_WAIT_TIMEOUT after timeout_ns (< 0:
- * none), SC_WAIT_INTERRUPTED on a signal (the caller handles it and calls
- * again with what is left of its timeout).  The notify_seq read before the
- * checks closes the race with a publish between the check and the sleep:
- * the writer bumps notify_seq before waking, so FUTEX_WAIT then returns at
- * once (EAGAIN). */
-int sc_wait_past(struct sc_layout *L, uint64_t position, int64_t timeout_ns)
+static void futex_wake_all(const uint32_t *addr)
+{
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static struct timespec deadline_after(int64_t timeout_ns)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += timeout_ns / 1000000000;
+    deadline.tv_nsec += timeout_ns % 1000000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    return deadline;
+}
+
+/* ns left until deadline (<= 0: passed) */
+static int64_t left_until(const struct timespec *deadline)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)(deadline->tv_sec - now.tv_sec) * 1000000000 + (deadline->tv_nsec - now.tv_nsec);
+}
+
+/* Whether a watcher at position (having served up to last_rv) must look:
+ * new events, a window moved past it, or a replace at or after it. */
+static int watcher_must_look(struct sc_header *h, uint64_t position, uint64_t last_rv)
+{
+    if (__atomic_load_n(&h->end_index, __ATOMIC_ACQUIRE) > position)
+        return 1;
+    if (__atomic_load_n(&h->start_index, __ATOMIC_ACQUIRE) > position)
+        return 1;
+    uint64_t rep_rv = __atomic_load_n(&h->replace_rv, __ATOMIC_ACQUIRE);
+    return rep_rv > last_rv && __atomic_load_n(&h->replace_index, __ATOMIC_ACQUIRE) >= position;
+}
+
+/* The wait of sc_wait_past (position != UINT64_MAX) or sc_wait_change (on a
+ * seq).  The notify_seq read before the checks closes the race with a
+ * publish between the check and the sleep: the writer bumps notify_seq
+ * before waking, so FUTEX_WAIT then returns at once (EAGAIN).  sc_detach
+ * cannot bump it (a reader's mapping is read-only): it wakes repeatedly
+ * until every waiter has seen `closing`. */
+static int wait_for(struct sc_layout *L, uint64_t position, uint64_t last_rv, int by_seq,
+                    uint32_t seq0, int64_t timeout_ns)
 {
     struct sc_header *h = (struct sc_header *)L->base;
-    struct timespec now, deadline;
-    if (timeout_ns >= 0) {
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += timeout_ns / 1000000000;
-        deadline.tv_nsec += timeout_ns % 1000000000;
-        if (deadline.tv_nsec >= 1000000000) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000;
-        }
-    }
+    struct timespec deadline;
+    if (timeout_ns >= 0)
+        deadline = deadline_after(timeout_ns);
     for (;;) {
         uint32_t seq = __atomic_load_n(&h->notify_seq, __ATOMIC_ACQUIRE);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&h->closed, __ATOMIC_ACQUIRE))
+        if (__atomic_load_n(&L->closing, __ATOMIC_SEQ_CST) || __atomic_load_n(&h->closed, __ATOMIC_ACQUIRE))
             return SC_WAIT_CLOSED;
-        if (__atomic_load_n(&h->end_index, __ATOMIC_ACQUIRE) > position)
+        if (by_seq ? seq != seq0 : watcher_must_look(h, position, last_rv))
             return SC_WAIT_PASSED;
         int64_t left = -1;
         if (timeout_ns >= 0) {
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            left = (int64_t)(deadline.tv_sec - now.tv_sec) * 1000000000 + (deadline.tv_nsec - now.tv_nsec);
+            left = left_until(&deadline);
             if (left <= 0)
                 return SC_WAIT_TIMEOUT;
         }
-        int rc = sc_futex_wait(&h->notify_seq, seq, left);
+        int rc = futex_wait(&h->notify_seq, seq, left);
         if (rc == EINTR)
             return SC_WAIT_INTERRUPTED;
         /* 0 (woken), EAGAIN (seq moved), ETIMEDOUT: look again */
     }
 }
 
+int sc_wait_past(struct sc_layout *L, uint64_t position, uint64_t last_rv, int64_t timeout_ns)
+{
+    if (!enter(L))
+        return SC_WAIT_CLOSED;
+    int rc = wait_for(L, position, last_rv, 0, 0, timeout_ns);
+    leave(L);
+    return rc;
+}
+
+int sc_wait_change(struct sc_layout *L, uint32_t seq, int64_t timeout_ns)
+{
+    if (!enter(L))
+        return SC_WAIT_CLOSED;
+    int rc = wait_for(L, 0, 0, 1, seq, timeout_ns);
+    leave(L);
+    return rc;
+}
+
 void sc_notify(struct sc_layout *L)
 {
     struct sc_header *h = (struct sc_header *)L->base;
     __atomic_fetch_add(&h->notify_seq, 1, __ATOMIC_RELEASE);
-    syscall(SYS_futex, &h->notify_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    futex_wake_all(&h->notify_seq);
+}
+
+void sc_detach(struct sc_layout *L)
+{
+    struct sc_header *h = (struct sc_header *)L->base;
+    __atomic_store_n(&L->closing, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&L->users, __ATOMIC_SEQ_CST) != 0) {
+        /* a waiter that checked `closing` just before it was set may go to
+         * sleep after any one wake: wake until it has left */
+        futex_wake_all(&h->notify_seq);
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
 }
 
 /* ---- hashing: seeded FNV-1a with a 64-bit finalizer ---------------------- */
@@ -342,6 +436,10 @@ static void rebuild_index(struct sc_layout *L)
     struct sc_header *h = hdr(L);
     uint64_t a = h->active_index & 1, b = a ^ 1, mask = L->index_slots - 1;
     struct sc_index_entry *src = table(L, a), *dst = table(L, b);
+    /* the index_gen bump that made dst inactive (earlier, a release store)
+     * must be visible before any of dst is cleared: a reader that sees a
+     * cleared entry then sees the generation moved */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     memset(dst, 0, L->index_slots * sizeof *dst);
     for (uint64_t i = 0; i < L->index_slots; i++) {
         uint64_t p = src[i].ptr;
@@ -639,39 +737,155 @@ int64_t sc_bookmark(struct sc_layout *L, uint64_t rv)
     return (int64_t)rv;
 }
 
-/* ---- the writers' lock: the token half (lock.py holds the protocol) ------- */
+/* ---- the writers' lock (_lock.py holds the protocol) ----------------------
+ * The lock word is the holder's whole identity (pid, PID namespace, start
+ * ticks, boot tag) in 16 bytes, claimed from zero and given back to zero by
+ * single 16-byte CAS operations: no moment exists at which the lock is
+ * taken but its holder not yet known, so nothing is ever written about the
+ * holder outside that CAS (docs/design.md, "The writers' lock"). */
 
-int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner)
+typedef unsigned __int128 u128;
+
+static inline u128 word_of(uint64_t w0, uint64_t w1) { return ((u128)w1 << 64) | w0; }
+
+/* __sync builtins on 16 bytes are full barriers and compile to cmpxchg16b
+ * (x86-64, -mcx16) or an exclusive-pair loop / casp (AArch64): lock-free,
+ * unlike libatomic's __atomic on 16 bytes, which may fall back to a
+ * process-local lock and then excludes nothing across processes. */
+static inline int cas128(uint64_t *addr, u128 expected, u128 desired)
+{
+    return __sync_bool_compare_and_swap((u128 *)addr, expected, desired);
+}
+
+static inline u128 load128(uint64_t *addr)
+{
+    /* a CAS that stores only what is already there: an atomic read (needs a
+     * writable mapping; only writers look at the lock) */
+    return __sync_val_compare_and_swap((u128 *)addr, (u128)0, (u128)0);
+}
+
+static int claim_pause_fd = -1;
+
+void sc_test_set_claim_pause_fd(int fd) { claim_pause_fd = fd; }
+
+void *sc_sem_open(const char *name)
+{
+    sem_t *sem = sem_open(name, 0);
+    return sem == SEM_FAILED ? NULL : (void *)sem;
+}
+
+void sc_sem_close(void *sem)
+{
+    if (sem)
+        sem_close((sem_t *)sem);
+}
+
+int sc_sem_post(void *sem) { return sem_post((sem_t *)sem) == 0 ? 0 : errno; }
+
+int sc_lock_acquire(struct sc_layout *L, struct sc_lock_state *S, int64_t timeout_ns)
 {
     struct sc_header *h = hdr(L);
-    if (!sc_cas(&h->lock_token, 0, token | SC_UNRECORDED))
-        return 0;
+    if (S->held)
+        return SC_LOCK_ERROR; /* not reentrant: the caller serialises its threads */
+    int rc;
+    if (timeout_ns < 0) {
+        rc = sem_wait((sem_t *)S->sem);
+    } else {
+        /* CLOCK_MONOTONIC: a step of the wall clock neither cuts the wait
+         * short nor stretches it */
+        struct timespec deadline = deadline_after(timeout_ns);
+        rc = sem_clockwait((sem_t *)S->sem, CLOCK_MONOTONIC, &deadline);
+    }
+    if (rc != 0) {
+        if (errno == EINTR)
+            return SC_LOCK_INTERRUPTED;
+        if (errno == ETIMEDOUT)
+            return SC_LOCK_TIMEOUT;
+        return SC_LOCK_ERROR;
+    }
+    if (claim_pause_fd >= 0) { /* once */
+        char byte;
+        int fd = claim_pause_fd;
+        claim_pause_fd = -1;
+        while (read(fd, &byte, 1) < 0 && errno == EINTR)
+            ;
+    }
+    if (!cas128(&h->lock_token, 0, word_of(S->word[0], S->word[1])))
+        return SC_LOCK_VOID;
+    S->held = 1;
     __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
-    h->owner_pid = owner->pid;
-    h->owner_start_ms = owner->start_ms;
-    h->owner_pidns = owner->pidns;
-    h->owner_boot = owner->boot;
-    /* publishes the record; fails only if a recoverer judged the lock
-     * abandoned (we were suspended for a whole lock_timeout) and took it */
-    if (!sc_cas(&h->lock_token, token | SC_UNRECORDED, token))
-        return 0;
-    if (h->op_state != SC_OP_IDLE)
-        return 2;
+    S->rv_at_claim = h->rv;
+    if (h->op_state != SC_OP_IDLE) {
+        S->repair_pending = 1;
+        S->must_notify = 1;
+        return SC_LOCK_REPAIR;
+    }
+    S->repair_pending = 0;
+    S->must_notify = 0;
     h->op_state = SC_OP_MUTATING;
+    return SC_LOCK_ACQUIRED;
+}
+
+void sc_lock_repaired(struct sc_layout *L, struct sc_lock_state *S)
+{
+    hdr(L)->op_state = SC_OP_MUTATING;
+    S->repair_pending = 0;
+}
+
+int sc_lock_release(struct sc_layout *L, struct sc_lock_state *S)
+{
+    struct sc_header *h = hdr(L);
+    if (!S->held)
+        return 0;
+    /* wake while still holding: a holder that dies after this has woken
+     * its watchers; one that dies before it left op_state not idle, and
+     * the next holder's repair wakes them */
+    if (S->must_notify || h->rv != S->rv_at_claim)
+        sc_notify(L);
+    /* a replace or repair cut short stays marked for the next holder; only
+     * a completed change is idle */
+    if (h->op_state == SC_OP_MUTATING)
+        h->op_state = S->repair_pending ? SC_OP_BROKEN : SC_OP_IDLE;
+    __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
+    int ours = cas128(&h->lock_token, word_of(S->word[0], S->word[1]), 0);
+    S->held = 0;
+    if (!ours)
+        return -1; /* taken back by a recoverer, who posted for us */
+    sem_post((sem_t *)S->sem);
     return 1;
 }
 
-void sc_lock_release(struct sc_layout *L, int notify)
+void sc_lock_word(struct sc_layout *L, uint64_t *out)
 {
     struct sc_header *h = hdr(L);
-    /* a replace or repair cut short by an exception stays marked for the
-     * next holder; only a completed single-event change is idle */
-    if (h->op_state == SC_OP_MUTATING)
-        h->op_state = SC_OP_IDLE;
-    __atomic_fetch_add(&h->lock_seq, 1, __ATOMIC_ACQ_REL);
-    STORE_REL(h->lock_token, 0);
-    if (notify)
-        sc_notify(L);
+    u128 w = load128(&h->lock_token);
+    out[0] = (uint64_t)w;
+    out[1] = (uint64_t)(w >> 64);
+    out[2] = __atomic_load_n(&h->lock_seq, __ATOMIC_ACQUIRE);
+}
+
+int sc_lock_take_back(struct sc_layout *L, void *sem, uint64_t word0, uint64_t word1)
+{
+    struct sc_header *h = hdr(L);
+    u128 w = word_of(word0, word1);
+    if (w == 0 || !cas128(&h->lock_token, w, 0))
+        return 0;
+    __atomic_fetch_add(&h->lock_recoveries, 1, __ATOMIC_ACQ_REL);
+    sem_post((sem_t *)sem);
+    /* it may have died between publishing and waking */
+    sc_notify(L);
+    return 1;
+}
+
+int sc_lock_abandon(struct sc_layout *L, void *sem, uint64_t seq)
+{
+    struct sc_header *h = hdr(L);
+    if (load128(&h->lock_token) != 0 || !sc_cas(&h->lock_seq, seq, seq + 1))
+        return 0;
+    __atomic_fetch_add(&h->lock_recoveries, 1, __ATOMIC_ACQ_REL);
+    sem_post((sem_t *)sem);
+    sc_notify(L);
+    return 1;
 }
 
 /* ---- replace: a new store built beside the old one ------------------------
@@ -696,6 +910,7 @@ int sc_stage_begin(struct sc_layout *L, uint64_t rv)
             return rc;
     }
     uint64_t staged = (h->active_index & 1) ^ 1;
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* as in rebuild_index */
     memset(table(L, staged), 0, L->index_slots * sizeof(struct sc_index_entry));
     h->op_arg = rv;
     h->op_table = staged;
@@ -721,8 +936,11 @@ int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
         if (++n == L->index_slots)
             return SC_CORRUPT;
     uint64_t pos = heap_append(L, key, key_len, value, value_len, rv, hash);
-    t[j].hash = hash;
-    t[j].ptr = pos + 1;
+    /* a reader of a stale generation may still walk this table: it must
+     * see a complete record behind any ptr it loads (it then fails its
+     * generation check; it must not mistake the record for corruption) */
+    STORE(t[j].hash, hash);
+    STORE_REL(t[j].ptr, pos + 1);
     return SC_OK;
 }
 
@@ -733,6 +951,19 @@ void sc_stage_abandon(struct sc_layout *L)
     struct sc_header *h = hdr(L);
     if (h->op_heap >= h->heap_tail && h->op_heap <= h->heap_head)
         STORE_REL(h->heap_head, h->op_heap);
+}
+
+/* Commit step 1 (idempotent): the window is expired at the replace's rv.
+ * The fence orders the start_index store before any later reuse of the
+ * expired slots and arena bytes, as eviction does. */
+void sc_expire_window(struct sc_layout *L, uint64_t rv)
+{
+    struct sc_header *h = hdr(L);
+    uint64_t end = LOAD_ACQ(h->end_index);
+    STORE_REL(h->replace_index, end);
+    STORE_REL(h->replace_rv, rv);
+    STORE_REL(h->start_index, end);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
 }
 
 /* Make the staged table the store (idempotent: a recovering holder may
@@ -784,6 +1015,9 @@ int sc_recount(struct sc_layout *L)
     return SC_OK;
 }
 
+static int ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
+                     uint64_t *out_index, uint64_t *out_start);
+
 /* Apply to the store every published event it has not seen (rv > store_rv):
  * the ring is the store's write-ahead log.  Returns SC_OK or SC_CORRUPT. */
 int sc_replay(struct sc_layout *L)
@@ -792,7 +1026,7 @@ int sc_replay(struct sc_layout *L)
     uint64_t start = h->start_index, end = h->end_index, from, unused;
     if (end < start || end - start > L->capacity)
         return SC_CORRUPT;
-    if (sc_ring_find(L, start, end, h->store_rv, &from, &unused) != SC_OK)
+    if (ring_find(L, start, end, h->store_rv, &from, &unused) != SC_OK)
         return SC_CORRUPT;
     for (uint64_t i = from; i < end; i++) {
         struct sc_slot s = *slot_at(L, i);
@@ -829,7 +1063,7 @@ int sc_replay(struct sc_layout *L)
  * since, rv + 1 for a ring emptied after events, 0 for a ring that never
  * held one).  Read until start, replace_rv and end are the same after a
  * fence as before; SC_CORRUPT if they never are (or never make sense). */
-int sc_ring_window(struct sc_layout *L, uint64_t *out)
+static int ring_window(struct sc_layout *L, uint64_t *out)
 {
     struct sc_header *h = hdr(L);
     for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
@@ -865,8 +1099,8 @@ int sc_ring_window(struct sc_layout *L, uint64_t *out)
 /* First index in [start, end) whose event has rv > since_rv (end if none).
  * *out_start is start_index re-read after the search: the answer is exact
  * iff it still equals start (no slot the search read was being reused). */
-int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
-                 uint64_t *out_index, uint64_t *out_start)
+static int ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
+                     uint64_t *out_index, uint64_t *out_start)
 {
     *out_start = UINT64_MAX;
     if (end < start || end - start > L->capacity)
@@ -885,9 +1119,9 @@ int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t sin
     return SC_OK;
 }
 
-int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
-                 const uint8_t *prefix, uint32_t prefix_len,
-                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap, uint64_t *out)
+static int ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
+                     const uint8_t *prefix, uint32_t prefix_len,
+                     struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap, uint64_t *out)
 {
     int rc = SC_OK;
     uint32_t n = 0;
@@ -977,9 +1211,9 @@ static int get_once(struct sc_layout *L, const uint8_t *key, uint32_t key_len, u
     return SC_NOTFOUND; /* probed every entry */
 }
 
-int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
-                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
-                 uint64_t *out_seen)
+static int store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                     uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
+                     uint64_t *out_seen)
 {
     struct sc_header *h = hdr(L);
     out_seen[0] = LOAD_ACQ(h->store_rv);
@@ -1003,9 +1237,13 @@ int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
     return SC_RETRY;
 }
 
-int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
-                  const uint8_t *prefix, uint32_t prefix_len,
-                  uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count)
+static int scan_pause_fd = -1;
+
+void sc_test_set_scan_pause_fd(int fd) { scan_pause_fd = fd; }
+
+static int store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
+                      const uint8_t *prefix, uint32_t prefix_len,
+                      uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count)
 {
     struct sc_header *h = hdr(L);
     uint64_t used = 0;
@@ -1039,6 +1277,8 @@ int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
             uint64_t len = SC_SCAN_ITEM_HEADER_BYTES + (uint64_t)kl + vl;
             if (wanted && used + len > out_cap) {
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (LOAD(h->index_gen) != gen)
+                    return SC_RETRY; /* a stale table: its sizes mean nothing */
                 if (LOAD(h->heap_tail) > pos)
                     continue; /* moved: look again */
                 *cursor = i;
@@ -1054,6 +1294,11 @@ int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
                          pos + SC_RECORD_HEADER_BYTES, (uint64_t)kl + vl);
             }
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            /* a table of an older generation may since have been cleared
+             * and restaged (a replace, even an abandoned one): what it
+             * points at is no evidence of corruption, only of a retry */
+            if (LOAD(h->index_gen) != gen)
+                return SC_RETRY;
             if (LOAD(h->heap_tail) > pos)
                 continue; /* the record was moved or reclaimed while copied */
             if (!sane)
@@ -1061,6 +1306,13 @@ int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
             if (wanted) {
                 used += len;
                 count++;
+            }
+            if (scan_pause_fd >= 0) { /* once */
+                char byte;
+                int fd = scan_pause_fd;
+                scan_pause_fd = -1;
+                while (read(fd, &byte, 1) < 0 && errno == EINTR)
+                    ;
             }
             break;
         }
@@ -1074,4 +1326,115 @@ int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
     *out_used = used;
     *out_count = count;
     return SC_OK;
+}
+
+/* ---- reader entry points: the guard around each ------------------------- */
+
+int sc_ring_window(struct sc_layout *L, uint64_t *out)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    int rc = ring_window(L, out);
+    leave(L);
+    return rc;
+}
+
+int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
+                 uint64_t *out_index, uint64_t *out_start)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    int rc = ring_find(L, start, end, since_rv, out_index, out_start);
+    leave(L);
+    return rc;
+}
+
+int sc_ring_copy(struct sc_layout *L, uint64_t from, uint64_t end, uint32_t max_events,
+                 const uint8_t *prefix, uint32_t prefix_len,
+                 struct sc_event_meta *meta, uint8_t *data, uint64_t data_cap, uint64_t *out)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    int rc = ring_copy(L, from, end, max_events, prefix, prefix_len, meta, data, data_cap, out);
+    leave(L);
+    return rc;
+}
+
+int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
+                 uint8_t *out, uint64_t out_cap, uint64_t *out_value_len, uint64_t *out_rv,
+                 uint64_t *out_seen)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    int rc = store_get(L, key, key_len, out, out_cap, out_value_len, out_rv, out_seen);
+    leave(L);
+    return rc;
+}
+
+int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
+                  const uint8_t *prefix, uint32_t prefix_len,
+                  uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    int rc = store_scan(L, gen, cursor, prefix, prefix_len, out, out_cap, out_used, out_count);
+    leave(L);
+    return rc;
+}
+
+int sc_header_load(struct sc_layout *L, uint32_t offset, uint64_t *out)
+{
+    if (offset % 8 != 0 || offset > sizeof(struct sc_header) - 8)
+        return SC_CORRUPT;
+    if (!enter(L))
+        return SC_CLOSED;
+    *out = __atomic_load_n((const uint64_t *)(L->base + offset), __ATOMIC_ACQUIRE);
+    leave(L);
+    return SC_OK;
+}
+
+int sc_header_copy(struct sc_layout *L, struct sc_header *out)
+{
+    if (!enter(L))
+        return SC_CLOSED;
+    memcpy(out, L->base, sizeof *out);
+    leave(L);
+    return SC_OK;
+}
+
+int sc_newest_rv(struct sc_layout *L, uint64_t *out)
+{
+    struct sc_header *h = hdr(L);
+    if (!enter(L))
+        return SC_CLOSED;
+    uint64_t rv = LOAD_ACQ(h->rv), w[5];
+    int rc = ring_window(L, w);
+    if (rc == SC_OK && w[1] > w[0]) {
+        uint64_t last = LOAD(slot_at(L, w[1] - 1)->rv);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD(h->start_index) < w[1] && last > rv) /* the slot was not reused while read */
+            rv = last;
+    }
+    leave(L);
+    *out = rv;
+    return rc;
+}
+
+int sc_ring_usage(struct sc_layout *L, uint64_t *out)
+{
+    struct sc_header *h = hdr(L);
+    if (!enter(L))
+        return SC_CLOSED;
+    uint64_t w[5];
+    int rc = ring_window(L, w);
+    out[0] = out[1] = 0;
+    if (rc == SC_OK && w[1] > w[0]) {
+        uint64_t first = LOAD(slot_at(L, w[0])->data_pos), head = LOAD(h->arena_head);
+        out[0] = w[1] - w[0];
+        out[1] = head > first ? head - first : 0;
+        if (out[1] > L->arena_bytes)
+            out[1] = L->arena_bytes;
+    }
+    leave(L);
+    return rc;
 }

@@ -22,11 +22,12 @@
 #define SC_NOSPACE 3    /* the output buffer is too small; the needed size is reported */
 #define SC_CORRUPT 4    /* the segment holds values no correct writer produces */
 #define SC_NOMEM 5      /* the writer could not allocate scratch memory */
+#define SC_CLOSED 9     /* the mapping is being detached (Reader.close), or the owner closed the cache */
 
 #define SC_MAX_KEY_BYTES 1024
 
-/* results of sc_wait_past */
-#define SC_WAIT_PASSED 0
+/* results of sc_wait_past and sc_wait_change */
+#define SC_WAIT_PASSED 0    /* something to look at: events, a moved window, a replace */
 #define SC_WAIT_CLOSED 1
 #define SC_WAIT_TIMEOUT 2
 #define SC_WAIT_INTERRUPTED 3
@@ -69,11 +70,11 @@ struct sc_header {
     uint64_t index_offset[2];
     uint64_t heap_offset;
     uint64_t hash_seed;
-    /* creator: who may unlink; judged dead by pid + start time */
+    /* creator: who may unlink; judged dead by pid + start time (_owner.py) */
     uint64_t creator_pid;
-    uint64_t creator_start_ms;  /* process start time, ms since the epoch */
+    uint64_t creator_start_ticks; /* start time, clock ticks since boot (clock-independent) */
     uint64_t creator_pidns;     /* inode of /proc/self/ns/pid */
-    uint64_t creator_boot;      /* first 8 bytes of the boot id */
+    uint64_t creator_boot;      /* boot id tag (BOOT_BITS) */
     uint32_t closed;            /* 1: the owner closed this segment */
     uint32_t reserved0;
     uint64_t created_ms;
@@ -100,21 +101,18 @@ struct sc_header {
     uint64_t live_bytes;        /* sum of the sizes of live records */
     uint64_t tombstones;        /* in the active table */
 
-    /* writers' lock (see lock.py) */
-    uint64_t lock_token;        /* 0 free, else (generation << 32) | [SC_UNRECORDED] | pid */
+    /* writers' lock (_lock.py): the holder's identity in one 16-byte word,
+     * claimed and given back by a single 16-byte CAS; all zero when free */
+    uint64_t lock_token;        /* holder's pid | its PID namespace's inode << 32 */
+    uint64_t lock_start;        /* holder's start ticks (40 bits) | boot tag << 40 */
     uint64_t lock_seq;          /* incremented at each acquisition and release */
-    uint64_t reserved2;
-    uint64_t owner_pid;
-    uint64_t owner_start_ms;
-    uint64_t owner_pidns;
-    uint64_t owner_boot;
     uint64_t op_state;          /* SC_OP_*: what the holder is doing, for recovery */
-
     uint64_t op_arg;            /* replace: the target rv */
     uint64_t lock_recoveries;   /* how often a dead holder's lock was recovered */
     uint64_t op_table;          /* replace: the table being staged (0 or 1) */
     uint64_t op_heap;           /* replace: heap_head before the first staged record */
-    uint64_t pad1[4];
+
+    uint64_t pad1[8];
 
     /* futex word readers wait on; incremented after each publication */
     uint32_t notify_seq;
@@ -158,12 +156,18 @@ struct sc_event_meta {
     uint32_t reserved;
 };
 
-/* a lock holder's identity, as recorded in the header */
-struct sc_owner {
-    uint64_t pid;
-    uint64_t start_ms;
-    uint64_t pidns;
-    uint64_t boot;
+/* One Writer's side of the writers' lock, in its own (process-local)
+ * memory.  Only sc_lock_acquire and sc_lock_release change it, each in one C
+ * call, so no Python exception can land between taking the lock and knowing
+ * that it is held. */
+struct sc_lock_state {
+    uint64_t word[2];           /* this writer's lock word: its identity */
+    uint64_t rv_at_claim;       /* the header's rv when the lock was taken */
+    uint32_t held;              /* 1 while this writer holds the lock */
+    uint32_t repair_pending;    /* claimed with op_state not idle, not repaired yet */
+    uint32_t must_notify;       /* wake the watchers at release (a repair happened) */
+    uint32_t reserved;
+    void *sem;                  /* the writers' semaphore (sc_sem_open) */
 };
 
 /* one change of a batch for sc_put_many: key_len key bytes, then (unless
@@ -189,6 +193,11 @@ struct sc_layout {
     uint64_t arena_offset;
     uint64_t index_offset[2];
     uint64_t heap_offset;
+    /* process-local: the reader functions count the threads inside the
+     * mapping, and refuse (SC_CLOSED) once closing is set; sc_detach waits
+     * for the count to drop to zero before the mapping may go */
+    uint32_t closing;
+    uint32_t users;
 };
 
 /* ---- atomics on addresses inside the mapping ---------------------------- */
@@ -200,9 +209,14 @@ void sc_fence_acquire(void);
 void sc_fence_release(void);
 
 /* ---- futex (shared, never FUTEX_PRIVATE) -------------------------------- */
-/* 0 woken (or value changed), else an errno: ETIMEDOUT, EINTR, EAGAIN */
-int sc_wait_past(struct sc_layout *L, uint64_t position, int64_t timeout_ns);
-int sc_futex_wait(const uint32_t *addr, uint32_t expected, int64_t timeout_ns);
+/* Block until something a watcher at `position`, having served events up to
+ * last_rv, must look at: end_index > position (new events), start_index >
+ * position (the window moved past it), or a replace at or after it with
+ * replace_rv > last_rv.  SC_WAIT_PASSED, SC_WAIT_CLOSED, SC_WAIT_TIMEOUT
+ * after timeout_ns (< 0: none), SC_WAIT_INTERRUPTED on a signal. */
+int sc_wait_past(struct sc_layout *L, uint64_t position, uint64_t last_rv, int64_t timeout_ns);
+/* Block until notify_seq differs from seq (any publication): SC_WAIT_* */
+int sc_wait_change(struct sc_layout *L, uint32_t seq, int64_t timeout_ns);
 void sc_notify(struct sc_layout *L);
 
 /* ---- hashing ------------------------------------------------------------ */
@@ -223,25 +237,56 @@ int64_t sc_bookmark(struct sc_layout *L, uint64_t rv);
 int sc_batch_check(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
                    const struct sc_batch_op *ops, uint32_t count, uint64_t max_keys,
                    uint64_t store_bytes, uint32_t *out_index);
-/* lock_token bit: the holder has not finished recording its identity */
-#define SC_UNRECORDED 0x80000000
 
-/* Claim the token: CAS 0 -> token|SC_UNRECORDED, record the owner, CAS
- * token|SC_UNRECORDED -> token.  0: the token is taken, or was taken back by
- * a recoverer before the record completed (a void acquisition); 1: claimed,
- * op_state was idle and is now SC_OP_MUTATING; 2: claimed, op_state was not
- * idle (repair first) */
-int sc_lock_claim(struct sc_layout *L, uint64_t token, const struct sc_owner *owner);
-void sc_lock_release(struct sc_layout *L, int notify);
+/* ---- the writers' lock: semaphore + 16-byte lock word (_lock.py) ---------- */
+/* results of sc_lock_acquire */
+#define SC_LOCK_ACQUIRED 0      /* held; op_state was idle and is now SC_OP_MUTATING */
+#define SC_LOCK_REPAIR 1        /* held; op_state was not idle: repair first */
+#define SC_LOCK_TIMEOUT 2       /* the semaphore did not come within the timeout */
+#define SC_LOCK_INTERRUPTED 3   /* a signal: the caller runs its handler, then waits again */
+#define SC_LOCK_VOID 4          /* passed the semaphore, but the word is held: a surplus count absorbed */
+#define SC_LOCK_ERROR 5         /* sem_wait failed otherwise (errno) */
+
+/* the named semaphore as a sem_t * (NULL and errno on failure) */
+void *sc_sem_open(const char *name);
+void sc_sem_close(void *sem);
+int sc_sem_post(void *sem);
+/* Wait for the semaphore, then claim the lock word with one 16-byte CAS from
+ * zero to S->word; on success set S->held in the same call. */
+int sc_lock_acquire(struct sc_layout *L, struct sc_lock_state *S, int64_t timeout_ns);
+/* Mark the holder's repair done: op_state MUTATING, nothing pending. */
+void sc_lock_repaired(struct sc_layout *L, struct sc_lock_state *S);
+/* Release if held: wake the watchers if rv moved or a repair happened, mark
+ * op_state idle (BROKEN if a repair was pending), give the word back, post.
+ * 1 released; 0 not held; -1 the word was not ours any more (a recoverer
+ * took it back and posted for us: not posted again). */
+int sc_lock_release(struct sc_layout *L, struct sc_lock_state *S);
+/* out[0..1] the lock word (one atomic 16-byte read), out[2] lock_seq */
+void sc_lock_word(struct sc_layout *L, uint64_t *out);
+/* A dead holder's word back to zero (one 16-byte CAS): 1 if this caller
+ * won, and then it posted the semaphore, counted the recovery and woke the
+ * watchers; 0 if the word had changed. */
+int sc_lock_take_back(struct sc_layout *L, void *sem, uint64_t word0, uint64_t word1);
+/* No word, semaphore held for a whole timeout twice with lock_seq unchanged:
+ * the single caller that wins the CAS of lock_seq posts (1), else 0. */
+int sc_lock_abandon(struct sc_layout *L, void *sem, uint64_t seq);
+/* test hook: with fd >= 0, the next sc_lock_acquire reads one byte from fd
+ * between passing the semaphore and its CAS (a claimer suspended there) */
+void sc_test_set_claim_pause_fd(int fd);
+
 int sc_stage_begin(struct sc_layout *L, uint64_t rv);
 int sc_stage_put(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
                  const uint8_t *value, uint32_t value_len, uint64_t rv);
 void sc_stage_abandon(struct sc_layout *L);
+/* replace, commit step 1: expire the ring's window at rv (then a release fence) */
+void sc_expire_window(struct sc_layout *L, uint64_t rv);
 int sc_stage_switch(struct sc_layout *L);
 int sc_recount(struct sc_layout *L);
 int sc_replay(struct sc_layout *L);
 
-/* ---- reader side (lock-free; every value read from the segment is checked) */
+/* ---- reader side (lock-free; every value read from the segment is checked;
+ * each returns SC_CLOSED, touching nothing, once sc_detach began or the
+ * owner closed the cache) --------------------------------------------------- */
 /* out[0..4]: start_index, end_index, oldest rv, replace_index, replace_rv */
 int sc_ring_window(struct sc_layout *L, uint64_t *out);
 int sc_ring_find(struct sc_layout *L, uint64_t start, uint64_t end, uint64_t since_rv,
@@ -262,3 +307,19 @@ int sc_store_get(struct sc_layout *L, const uint8_t *key, uint32_t key_len,
 int sc_store_scan(struct sc_layout *L, uint64_t gen, uint64_t *cursor,
                   const uint8_t *prefix, uint32_t prefix_len,
                   uint8_t *out, uint64_t out_cap, uint64_t *out_used, uint32_t *out_count);
+/* test hook: with fd >= 0, the next sc_store_scan reads one byte from fd
+ * after its first live entry (a reader stopped in the middle of a scan) */
+void sc_test_set_scan_pause_fd(int fd);
+/* load-acquire of the 8 bytes at `offset` of the header (8-aligned) */
+int sc_header_load(struct sc_layout *L, uint32_t offset, uint64_t *out);
+/* a copy of the whole header (for diagnostics: status) */
+int sc_header_copy(struct sc_layout *L, struct sc_header *out);
+/* the newest published rv: the header's, or the newest slot's if a writer
+ * published it and has not stored the header's rv yet */
+int sc_newest_rv(struct sc_layout *L, uint64_t *out);
+/* out[0]: events in the window, out[1]: payload bytes they hold */
+int sc_ring_usage(struct sc_layout *L, uint64_t *out);
+/* Stop the reader functions on this mapping (they return SC_CLOSED), wake
+ * every thread of this process waiting on it, and return once none is
+ * inside any more: only then may the mapping go. */
+void sc_detach(struct sc_layout *L);

@@ -371,17 +371,13 @@ def mapping_processes(name: str) -> tuple[list[dict[str, Any]], int]:
 def status_of(name: str) -> dict[str, Any]:
     """Everything ``shmcache status`` reports, as one JSON-ready dict."""
     with Reader(name) as reader:
-        h: Any = reader._h
+        h: Any = reader.header_copy()
         g = reader.geometry
         rv = reader.resource_version
         oldest = reader.oldest_resource_version
-        start, end, _ = reader._window()
+        ring_events, ring_bytes = reader.ring_usage()
         cap = g.capacity
-        ring_bytes = 0
-        if end > start:
-            first = int(reader._slots[start % cap].data_pos)
-            ring_bytes = min(max(int(h.arena_head) - first, 0), g.arena_bytes)
-        owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ms),
+        owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
                                 int(h.creator_pidns), int(h.creator_boot))
         liveness = judge(owner)
         owner_name = owner_state = None
@@ -408,7 +404,7 @@ def status_of(name: str) -> dict[str, Any]:
             "socket": reader.socket_path or None,
             "rv": rv,
             "oldest_rv": oldest,
-            "ring": {"events": end - start, "capacity": cap,
+            "ring": {"events": ring_events, "capacity": cap,
                      "bytes": ring_bytes, "arena_bytes": g.arena_bytes},
             "store": {"keys": int(h.live_keys), "max_keys": g.max_keys,
                       "bytes": int(h.live_bytes), "store_bytes": g.store_bytes},

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_BYTES = ffi.sizeof("struct sc_header")
 SLOT_BYTES = ffi.sizeof("struct sc_slot")
 INDEX_ENTRY_BYTES = ffi.sizeof("struct sc_index_entry")
@@ -222,6 +222,9 @@ class Mapping:
         """Unmap.  Every cffi pointer into the mapping is dead afterwards."""
         if self._mm.closed:
             return
+        # other threads of this process may be inside the mapping (a watch
+        # asleep on its futex): stop them and wait until they are out
+        lib.sc_detach(self.layout)
         self.header = None
         self.layout = None
         ffi.release(self._buf)

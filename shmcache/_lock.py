@@ -1,28 +1,29 @@
-"""The writers' lock: a named POSIX semaphore plus an owner token in the header.
+"""The writers' lock: a named POSIX semaphore plus a lock word in the header.
 
-The semaphore is the wait queue; the token (header.lock_token, claimed by
-compare-and-swap from 0) is the truth about who holds the lock.  docs/design.md
-("The writers' lock") gives the full argument; in short:
+The semaphore is the wait queue; the lock word (header ``lock_token`` and
+``lock_start``, one 16-byte word) is the truth about who holds the lock: it
+*is* the holder's identity — pid, PID namespace, start ticks, boot tag —
+claimed from zero and given back to zero by single 16-byte compare-and-swap
+operations.  docs/design.md ("The writers' lock") gives the argument; in
+short:
 
-* acquire: ``sem_wait``, then CAS the token from 0 to ``(generation << 32) |
-  UNRECORDED | pid``, record the owner's identity, then CAS the UNRECORDED
-  bit away.  A first CAS that fails means the semaphore had a surplus count
-  (left by a recovery) while somebody holds the token: the acquisition is
-  void, absorbs that count, and waits again.  A second CAS that fails means a
-  recoverer took the token back (we were suspended for a whole timeout before
-  recording): void too.
-* release: bump ``lock_seq``, clear the token, ``sem_post``.
-* a waiter that times out judges the holder.  Recorded and alive (or in a
-  PID namespace we cannot see into, where its pid means nothing) →
-  LockTimeout.
-  Recorded and dead → exactly one waiter wins the CAS of the token back to 0
-  and posts the semaphore on the dead holder's behalf.  Not recorded (no
-  token, or the UNRECORDED bit: the holder sits between ``sem_wait`` and its
-  record, or between clearing the token and ``sem_post``) → if nothing
-  changes for another whole ``lock_timeout``, the lock is abandoned: one
-  waiter wins a CAS (of the unrecorded token to 0, or of ``lock_seq``) and
-  posts.  Whoever then acquires finds ``op_state`` not idle
-  and repairs the segment before doing anything else.
+* acquire (one C call, so no Python exception can separate taking the lock
+  from knowing it is held): ``sem_wait``, then CAS the word from 0 to ours.
+  A CAS that fails means the semaphore had a surplus count (left by a
+  recovery that raced with a slow process) while somebody holds the word:
+  the acquisition is void, absorbs that count, and waits again.
+* release (one C call): wake the watchers if anything was published or
+  repaired, mark op_state idle, bump ``lock_seq``, CAS the word back to 0,
+  ``sem_post``.
+* a waiter that times out judges the holder named by the word: alive (or
+  unknowable) → LockTimeout; dead → exactly one waiter wins the CAS of that
+  word back to 0 and posts on its behalf.  No word at all while the
+  semaphore stays taken (a process between ``sem_wait`` and its CAS, or
+  between its release CAS and ``sem_post``): if ``lock_seq`` is unchanged
+  after another whole timeout, one waiter wins a CAS of ``lock_seq`` and
+  posts.  A slow process's count is then surplus, which the next void
+  acquisition absorbs; exclusion rests on the word alone.  Whoever then
+  acquires finds ``op_state`` not idle and repairs first.
 """
 
 from __future__ import annotations
@@ -31,134 +32,128 @@ import os
 import time
 from typing import Any
 
-import posix_ipc
-
 from ._layout import Mapping
 from ._native import ffi, lib
-from ._owner import Liveness, ProcessIdentity, judge, me
+from ._owner import BOOT_BITS, START_TICKS_BITS, Liveness, ProcessIdentity, judge, me
 from .exceptions import LockTimeout
 
-__all__ = ["WriterLock"]
+__all__ = ["WriterLock", "identity_of_word", "word_of_identity"]
 
-# getpid() is a system call, too dear for every acquisition: cache it, and
-# refresh it in a forked child.
-_pid = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _pid
-    _pid = os.getpid()
+_TICKS_MASK = (1 << START_TICKS_BITS) - 1
+_BOOT_MASK = (1 << BOOT_BITS) - 1
+_U32 = 0xFFFFFFFF
 
 
-os.register_at_fork(after_in_child=_refresh_pid)
+def word_of_identity(ident: ProcessIdentity) -> tuple[int, int]:
+    """The lock word (two 64-bit halves) that names ``ident``."""
+    return ((ident.pid & _U32) | (ident.pidns & _U32) << 32,
+            (ident.start_ticks & _TICKS_MASK) | (ident.boot & _BOOT_MASK) << START_TICKS_BITS)
 
-PID_MASK = 0x7FFFFFFF  # pids are < 2**22 on Linux; bit 31 is SC_UNRECORDED
+
+def identity_of_word(word0: int, word1: int) -> ProcessIdentity:
+    return ProcessIdentity(word0 & _U32, word1 & _TICKS_MASK, word0 >> 32,
+                           (word1 >> START_TICKS_BITS) & _BOOT_MASK)
 
 
 class WriterLock:
     """Cross-process lock of one cache's writers.  Not reentrant, not
-    thread-safe: the Writer serialises its threads before calling it."""
+    thread-safe: the Writer serialises its threads before calling it.
 
-    def __init__(self, mapping: Mapping, sem: posix_ipc.Semaphore, timeout: float) -> None:
+    ``held`` lives in C memory that only the acquiring and releasing C calls
+    change, so an exception anywhere in Python (a KeyboardInterrupt between
+    two bytecodes) never loses track of a held lock: ``release()`` in a
+    ``finally`` always knows whether there is anything to release."""
+
+    def __init__(self, mapping: Mapping, sem_name: str, timeout: float) -> None:
         self._map = mapping
-        self._sem = sem
+        self._layout: Any = mapping.layout
         self._timeout = timeout
-        self._token_p: Any = mapping.field("lock_token")
-        self._seq_p: Any = mapping.field("lock_seq")
-        self._token = 0
-        self._owner: Any = ffi.new("struct sc_owner *")
-        self._owner_pid = 0
+        self._state: Any = ffi.new("struct sc_lock_state *")
+        #: for ``lib.sc_lock_release(layout, state)`` in a ``finally``
+        self.state: Any = self._state
+        sem = lib.sc_sem_open(sem_name.encode())
+        if sem == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"cannot open the writers' semaphore {sem_name}: {os.strerror(err)}")
+        self._state.sem = sem
+        self._word = ffi.new("uint64_t[3]")
+        self._pid = 0
 
     @property
     def held(self) -> bool:
-        return self._token != 0
+        return bool(self._state.held)
 
     def acquire(self) -> bool:
         """Take the lock, recovering it from a dead holder; LockTimeout if a
         live holder keeps it for ``timeout`` seconds.  Returns True if the
-        segment needs repair first (the previous holder died mid-change);
-        otherwise op_state is now SC_OP_MUTATING."""
+        segment needs repair first (the previous holder died mid-change:
+        call ``repaired()`` once done); otherwise op_state is now
+        SC_OP_MUTATING."""
+        state = self._state
+        pid = os.getpid()
+        if pid != self._pid:  # first use, or a forked child
+            state.word[0], state.word[1] = word_of_identity(me())
+            self._pid = pid
         deadline = time.monotonic() + self._timeout
-        suspect: tuple[int, int] | None = None
+        suspect: int | None = None
         while True:
-            remaining = deadline - time.monotonic()
-            try:
-                self._sem.acquire(max(remaining, 0.0))
-            except posix_ipc.BusyError:
-                pass
-            else:
-                claimed = self._claim()
-                if claimed:
-                    return claimed == 2
-                continue  # void acquisition: absorbed a surplus count
+            remaining = max(deadline - time.monotonic(), 0.0)
+            rc: int = lib.sc_lock_acquire(self._layout, state, int(remaining * 1e9))
+            if rc == lib.SC_LOCK_ACQUIRED or rc == lib.SC_LOCK_REPAIR:
+                return bool(rc == lib.SC_LOCK_REPAIR)
+            if rc == lib.SC_LOCK_VOID or rc == lib.SC_LOCK_INTERRUPTED:
+                continue  # absorbed a surplus count; or a signal handler ran: wait on
+            if rc != lib.SC_LOCK_TIMEOUT:
+                err = ffi.errno
+                raise OSError(err, f"waiting for the writers' semaphore: {os.strerror(err)}")
             verdict = self._judge_holder(suspect)
             if verdict == "alive":
                 raise LockTimeout(self._describe_holder())
-            # None: recovered, or the holder changed: wait afresh; a snapshot:
+            # None: recovered, or the holder changed: wait afresh; a lock_seq:
             # compare it with the holder after one more whole wait
             suspect = None if isinstance(verdict, str) else verdict
             deadline = time.monotonic() + self._timeout
 
-    def release(self, notify: bool) -> None:
-        """Release; marks the segment's op_state idle and, with ``notify``,
-        wakes the readers waiting on the futex."""
-        if not self._token:
-            raise RuntimeError("release of a lock this writer does not hold")
-        lib.sc_lock_release(self._map.layout, notify)
-        self._token = 0
-        self._sem.release()
+    def repaired(self) -> None:
+        """The holder finished repairing: op_state MUTATING, nothing pending."""
+        lib.sc_lock_repaired(self._layout, self._state)
 
-    def _claim(self) -> int:
-        owner = self._owner
-        pid = _pid
-        if pid != self._owner_pid:  # first use, or a forked child
-            ident = me()
-            owner.pid, owner.start_ms, owner.pidns, owner.boot = (
-                ident.pid, ident.start_ms, ident.pidns, ident.boot)
-            self._owner_pid = pid
-        seq = lib.sc_load_acquire(self._seq_p)
-        token = (((seq + 1) & 0xFFFFFFFF) << 32) | (pid & PID_MASK)
-        claimed: int = lib.sc_lock_claim(self._map.layout, token, owner)
-        if claimed:
-            self._token = token
-        return claimed
+    def release(self) -> None:
+        """Release if held (a no-op otherwise): wakes the watchers if the
+        resource version moved or a repair happened during the hold, and
+        marks op_state idle unless a replace or repair was cut short."""
+        lib.sc_lock_release(self._layout, self._state)
 
-    def _judge_holder(self, suspect: tuple[int, int] | None) -> str | tuple[int, int] | None:
+    def close(self) -> None:
+        """Release if held, and close the semaphore handle."""
+        self.release()
+        lib.sc_sem_close(self._state.sem)
+        self._state.sem = ffi.NULL
+
+    def _judge_holder(self, suspect: int | None) -> str | int | None:
         """After a timed-out wait: "alive", None (recovered or changed: wait
-        again), or a (token, seq) snapshot to compare after another wait."""
-        h = self._map.header
-        token = lib.sc_load_acquire(self._token_p)
-        seq = lib.sc_load_acquire(self._seq_p)
-        if token and not token & lib.SC_UNRECORDED:
-            owner = ProcessIdentity(int(h.owner_pid), int(h.owner_start_ms),
-                                    int(h.owner_pidns), int(h.owner_boot))
-            if lib.sc_load_acquire(self._token_p) != token:
-                return None  # changed hands while we read the record
-            if judge(owner) is not Liveness.DEAD:
+        again), or the lock_seq to compare after another wait."""
+        word = self._word
+        lib.sc_lock_word(self._layout, word)
+        word0, word1, seq = int(word[0]), int(word[1]), int(word[2])
+        if word0 or word1:
+            if judge(identity_of_word(word0, word1)) is not Liveness.DEAD:
                 return "alive"
-            if lib.sc_cas(self._token_p, token, 0):
-                self._post_for_dead()
+            lib.sc_lock_take_back(self._layout, self._state.sem, word0, word1)
             return None
-        snapshot = (token, seq)
-        if snapshot != suspect:
-            return snapshot
-        # Held, unrecorded, unchanged for a whole timeout: abandoned.  One
-        # CAS elects the single waiter that posts: of the unrecorded token
-        # (which also voids its holder's claim), or of lock_seq when there is
-        # no token at all.
-        if lib.sc_cas(self._token_p, token, 0) if token else lib.sc_cas(self._seq_p, seq, seq + 1):
-            self._post_for_dead()
+        if seq != suspect:
+            return seq
+        # no word, the semaphore taken, nothing changed for a whole timeout:
+        # abandoned between sem_wait and the word (or the word and sem_post)
+        lib.sc_lock_abandon(self._layout, self._state.sem, seq)
         return None
 
-    def _post_for_dead(self) -> None:
-        lib.sc_fetch_add(self._map.field("lock_recoveries"), 1)
-        self._sem.release()
-
     def _describe_holder(self) -> str:
-        h = self._map.header
-        token = lib.sc_load_acquire(self._token_p)
-        where = "" if h.owner_pidns == me().pidns else " in another PID namespace"
+        word = self._word
+        lib.sc_lock_word(self._layout, word)
+        holder = identity_of_word(int(word[0]), int(word[1]))
+        where = "" if holder.pidns == me().pidns else " in another PID namespace"
         return (
-            f"the writers' lock is held by live pid {token & PID_MASK}{where} "
+            f"the writers' lock is held by live pid {holder.pid}{where} "
             f"for more than {self._timeout:g} s"
         )

@@ -52,6 +52,19 @@ WINDOW_ATTEMPTS = 1000
 FRESH_WAIT = 3.0
 MAX_RV = (1 << 63) - 1
 U64_MAX = (1 << 64) - 1
+#: get() attempts; one repeats only when the store moved on meanwhile (or a
+#: copy kept being overtaken), so running out needs a writer that never stops
+GET_ATTEMPTS = 1000
+#: _newer_from_ring's answer "ask the store again"
+_STORE_MOVED = object()
+_OFF_EPOCH = ffi.offsetof("struct sc_header", "epoch")
+_OFF_RV = ffi.offsetof("struct sc_header", "rv")
+_OFF_STORE_RV = ffi.offsetof("struct sc_header", "store_rv")
+_OFF_INDEX_GEN = ffi.offsetof("struct sc_header", "index_gen")
+_OFF_OP_STATE = ffi.offsetof("struct sc_header", "op_state")
+_OFF_HEARTBEAT = ffi.offsetof("struct sc_header", "heartbeat_ms")
+#: notify_seq is the low half (little-endian) of an 8-byte aligned word
+_OFF_NOTIFY = ffi.offsetof("struct sc_header", "notify_seq")
 
 
 def _encode_prefix(prefix: object) -> bytes:
@@ -69,7 +82,14 @@ class Reader:
     CacheNotFound if there is no such cache; CacheCorrupted if the segment is
     not one this library can read safely.  Every method raises CacheClosed
     once the owner closed the cache (or replaced it with a newer segment), or
-    after :meth:`close`.  A Reader is meant for one thread at a time.
+    after :meth:`close`.  A Reader is meant for one thread at a time, with
+    one exception: :meth:`close` may come from any thread, and ends every
+    watch of every thread with CacheClosed.
+
+    Python code never touches the mapping itself: every read of it is a C
+    call that enters a guard (``sc_layout.users``), which ``close()`` waits to
+    be empty before it unmaps, so no thread can be left reading memory that
+    is gone.
     """
 
     def __init__(self, name: str) -> None:
@@ -77,18 +97,10 @@ class Reader:
         self._map = open_segment(self.name, writable=False)
         m = self._map
         self.geometry = m.geometry
-        self._h: Any = m.header
         self._layout: Any = m.layout
-        self.epoch = int(self._h.epoch)
-        self._slots: Any = ffi.cast("struct sc_slot *", ffi.cast("uint8_t *", self._h) + m.geometry.slots_offset)
-        self._p_end = m.field("end_index")
-        self._p_start = m.field("start_index")
-        self._p_rv = m.field("rv")
-        self._p_store_rv = m.field("store_rv")
-        self._p_gen = m.field("index_gen")
-        self._p_rep_index = m.field("replace_index")
-        self._p_rep_rv = m.field("replace_rv")
-        self._p_notify: Any = ffi.addressof(self._h[0], "notify_seq")
+        self._detached = False
+        self._out_load = ffi.new("uint64_t[1]")
+        self.epoch = self._load(_OFF_EPOCH)
         self._out = ffi.new("uint64_t[4]")  # results of the sc_* calls
         self._out_rv = self._out + 1
         self._out_seen = self._out + 2
@@ -99,23 +111,51 @@ class Reader:
 
     # ---- state -----------------------------------------------------------
 
+    def _closed_error(self) -> CacheClosed:
+        """What a reader C call's SC_CLOSED (or SC_WAIT_CLOSED) means here."""
+        if self._detached:
+            return CacheClosed(f"reader of {self.name!r} is closed")
+        return CacheClosed(f"cache {self.name!r} was closed by its owner; reopen it")
+
+    def _load(self, offset: int) -> int:
+        """The 8 bytes at ``offset`` of the header (load-acquire)."""
+        rc = lib.sc_header_load(self._layout, offset, self._out_load)
+        if rc != lib.SC_OK:
+            raise self._closed_error()
+        return int(self._out_load[0])
+
     def _check_alive(self) -> None:
-        if self._h is None:
-            raise CacheClosed(f"reader of {self.name!r} is closed")
-        if self._h.closed:
-            raise CacheClosed(f"cache {self.name!r} was closed by its owner; reopen it")
+        if lib.sc_header_load(self._layout, _OFF_RV, self._out_load) != lib.SC_OK:
+            raise self._closed_error()
 
     @property
     def resource_version(self) -> int:
         """The newest published resource version."""
-        self._check_alive()
-        return int(lib.sc_load_acquire(self._p_rv))
+        return self._load(_OFF_RV)
+
+    def header_copy(self) -> Any:
+        """A private copy of the segment's header (``struct sc_header``), for
+        diagnostics such as ``shmcache status``; fields of concurrent writes
+        may be mutually inconsistent."""
+        copy = ffi.new("struct sc_header *")
+        if lib.sc_header_copy(self._layout, copy) != lib.SC_OK:
+            raise self._closed_error()
+        return copy
+
+    def ring_usage(self) -> tuple[int, int]:
+        """(events, payload bytes) the ring's window holds now."""
+        out = ffi.new("uint64_t[2]")
+        rc = lib.sc_ring_usage(self._layout, out)
+        if rc == lib.SC_CLOSED:
+            raise self._closed_error()
+        if rc != lib.SC_OK:
+            raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
+        return int(out[0]), int(out[1])
 
     @property
     def socket_path(self) -> str:
         """The producer socket the owning daemon advertises ("" if none)."""
-        self._check_alive()
-        raw: bytes = ffi.string(self._h.socket_path, 255)
+        raw: bytes = ffi.string(self.header_copy().socket_path, 255)
         try:
             return raw.decode()
         except UnicodeDecodeError:
@@ -125,8 +165,7 @@ class Reader:
     def heartbeat_age(self) -> float | None:
         """Seconds since the owning daemon last refreshed its heartbeat, or
         None if no daemon ever did."""
-        self._check_alive()
-        beat = int(lib.sc_load_acquire(self._map.field("heartbeat_ms")))
+        beat = self._load(_OFF_HEARTBEAT)
         return None if beat == 0 else max(0.0, time.time() - beat / 1000)
 
     @property
@@ -143,7 +182,10 @@ class Reader:
         """A consistent (start_index, end_index, oldest) of the ring (the
         oldest as oldest_resource_version defines it)."""
         w = self._win
-        if lib.sc_ring_window(self._layout, w) != lib.SC_OK:
+        rc = lib.sc_ring_window(self._layout, w)
+        if rc != lib.SC_OK:
+            if rc == lib.SC_CLOSED:
+                raise self._closed_error()
             raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
         return int(w[0]), int(w[1]), int(w[2])
 
@@ -159,42 +201,54 @@ class Reader:
         lock-free.  Never older than an event a watcher of this cache has
         already been served (see docs/design.md, "get")."""
         raw = encode_key(key)
-        h = self._h
-        if h is None or h.closed:
-            self._check_alive()
         out = self._out
-        for _ in range(3):
+        rc = lib.SC_RETRY
+        for _ in range(GET_ATTEMPTS):
             rc = lib.sc_store_get(self._layout, raw, len(raw), self._value_buf, self._value_cap,
                                   out, self._out_rv, self._out_seen)
             if rc == lib.SC_OK or rc == lib.SC_NOTFOUND:
                 item = (_new_event(Item, (key, ffi.buffer(self._value_buf, out[0])[:], out[1]))
                         if rc == lib.SC_OK else None)
-                if out[3] > out[2]:  # the ring is ahead of the store
-                    return self._newer_from_ring(key, raw, int(out[2]), item)
-                return item
+                if out[3] <= out[2]:
+                    return item
+                # the ring is ahead of the store
+                answer = self._newer_from_ring(key, raw, int(out[2]), item)
+                if answer is not _STORE_MOVED:
+                    return answer  # type: ignore[return-value]
+                continue
             if rc == lib.SC_NOSPACE and out[0] <= self.geometry.max_record:
                 self._value_cap = max(int(out[0]), 2 * self._value_cap)
                 self._value_buf = ffi.new("uint8_t[]", self._value_cap)
                 continue
             if rc == lib.SC_RETRY:
                 continue
+            if rc == lib.SC_CLOSED:
+                raise self._closed_error()
             break
         raise CacheCorrupted(f"cache {self.name!r}: no stable copy of {key!r} (code {rc})")
 
-    def _newer_from_ring(self, key: str, raw: bytes, store_rv: int, item: Item | None) -> Item | None:
+    def _newer_from_ring(self, key: str, raw: bytes, store_rv: int, item: Item | None) -> Item | None | object:
         """The key's state after the newest of its events with rv > store_rv
-        that the store may not show yet; the store's answer if it is newer or
-        those events are gone."""
+        that the store may not show yet (or the store's answer if newer);
+        _STORE_MOVED if the store has moved on meanwhile: ask it again.
+
+        Exact without Kubernetes' "too old" rule: evicting an event needs a
+        later one appended, which needs the evicted one applied first, which
+        moves store_rv past it.  So if store_rv still equals ``store_rv``
+        after the copy, no event after it has been evicted: the window read
+        after the lookup held all of them (docs/design.md, "get")."""
         try:
-            index, end = self._locate(store_rv)
+            index, end = self._search(store_rv, too_old_rule=False)
         except ResourceExpired:
-            return item  # the writer is far ahead: the store has moved on too
+            return _STORE_MOVED  # the writer kept evicting during every search
         newest = None
         for event in self._copy_events(index, end, raw, MAX_RV):
             if event is None:
-                return item
+                return _STORE_MOVED  # evicted while copied: applied before
             if event[1] == raw:
                 newest = event
+        if self._load(_OFF_STORE_RV) != store_rv:
+            return _STORE_MOVED
         if newest is None or (item is not None and item.rv >= newest[3]):
             return item
         t, _, value, rv = newest
@@ -210,12 +264,11 @@ class Reader:
         raw_prefix = _encode_prefix(prefix)
         reason = ""
         for attempt in range(LIST_ATTEMPTS):
-            self._check_alive()
             result = self._try_list(raw_prefix)
             if isinstance(result, Snapshot):
                 return result
             reason = result
-            if self._h.op_state == lib.SC_OP_COMMITTING:  # wait for the switch, do not spin
+            if self._load(_OFF_OP_STATE) == lib.SC_OP_COMMITTING:  # wait for the switch, do not spin
                 self._wait_change(0.05 * (attempt + 1))
         raise ResourceExpired(
             f"list() found no consistent snapshot in {LIST_ATTEMPTS} attempts: {reason}",
@@ -223,15 +276,15 @@ class Reader:
         )
 
     def _try_list(self, prefix: bytes) -> Snapshot | str:
-        s0 = lib.sc_load_acquire(self._p_store_rv)
-        gen = lib.sc_load_acquire(self._p_gen)
+        s0 = self._load(_OFF_STORE_RV)
+        gen = self._load(_OFF_INDEX_GEN)
         items = self._scan_store(gen, prefix)
         if items is None:
             return "the store's index was rebuilt during the copy"
-        r1 = int(lib.sc_load_acquire(self._p_rv))
+        r1 = self._load(_OFF_RV)
         if s0 > r1:
             return "a replace() was in progress"
-        if self._h.op_state == lib.SC_OP_COMMITTING:
+        if self._load(_OFF_OP_STATE) == lib.SC_OP_COMMITTING:
             # a snapshot at r1 is true, but its window is already expired:
             # nobody could watch from it
             return "a replace() was being committed"
@@ -273,6 +326,8 @@ class Reader:
             rc = lib.sc_store_scan(self._layout, gen, cursor, prefix, len(prefix), buf, cap, used, count)
             if rc == lib.SC_RETRY:
                 return None
+            if rc == lib.SC_CLOSED:
+                raise self._closed_error()
             if rc == lib.SC_NOSPACE:
                 need = int(used[0])
                 if need > self.geometry.max_record + 16:
@@ -294,13 +349,19 @@ class Reader:
         """(index of the first event with rv > since_rv, end_index), found
         by a binary search that read only stable slots; ResourceExpired if
         the events right after since_rv are gone (Kubernetes' rule)."""
+        return self._search(since_rv, too_old_rule=True)
+
+    def _search(self, since_rv: int, *, too_old_rule: bool) -> tuple[int, int]:
         out = self._out
         for _ in range(WINDOW_ATTEMPTS):
             start, end, oldest = self._window()
-            if oldest and since_rv < oldest - 1:
+            if too_old_rule and oldest and since_rv < oldest - 1:
                 raise ResourceExpired.too_old(since_rv, oldest)
             # an RV beyond 64 bits is newer than any event: search for the largest
-            if lib.sc_ring_find(self._layout, start, end, min(since_rv, U64_MAX), out, out + 1) != lib.SC_OK:
+            rc = lib.sc_ring_find(self._layout, start, end, min(since_rv, U64_MAX), out, out + 1)
+            if rc == lib.SC_CLOSED:
+                raise self._closed_error()
+            if rc != lib.SC_OK:
                 raise CacheCorrupted(f"cache {self.name!r}: impossible ring window")
             if out[1] == start:  # no slot the search read was being reused
                 return int(out[0]), end
@@ -346,7 +407,7 @@ class Reader:
             snap = self.list(prefix)
             events = [_new_event(Event, (EventType.ADDED, i.key, i.value, snap.rv)) for i in snap.items]
             return Interval(self, snap.rv, -1, -1, raw_prefix, buffer_size, events)
-        if since_rv > int(lib.sc_load_acquire(self._p_rv)):
+        if since_rv > self._load(_OFF_RV):
             current = self._newest_rv()
             if since_rv > current:
                 # the events up to since_rv are still to come: an interval
@@ -388,65 +449,65 @@ class Reader:
     def _watch(self, interval: Interval, timeout: float | None) -> Iterator[_Batch]:
         while True:
             yield from interval.batches()
-            position = interval.end_index
-            if position < 0:  # a snapshot: continue after its resource version
-                interval = self._interval_after(interval.resource_version, interval.raw_prefix,
-                                                interval.buffer_size)
-                continue
-            if not self._wait_past(position, timeout):
+            # a snapshot (end_index < 0) continues at once after its RV
+            if interval.end_index >= 0 and not self._wait_past(interval, timeout):
                 return
             interval = interval.continuation()
 
-    def _wait_past(self, position: int, timeout: float | None) -> bool:
-        """Block until end_index > position; False if timeout expired."""
+    def _wait_past(self, interval: Interval, timeout: float | None) -> bool:
+        """Block until the interval's continuation has something to say:
+        new events, or ResourceExpired (the window moved past it, or a
+        replace happened at or after it); False if timeout expired."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._check_alive()
             wait_ns = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
-            rc = lib.sc_wait_past(self._layout, position, wait_ns)
+            rc = lib.sc_wait_past(self._layout, interval.end_index, interval.last_rv, wait_ns)
             if rc == lib.SC_WAIT_PASSED:
                 return True
             if rc == lib.SC_WAIT_TIMEOUT:
                 return False
-            # SC_WAIT_CLOSED: _check_alive raises; SC_WAIT_INTERRUPTED: a
-            # signal handler has run on the way back; wait again
+            if rc == lib.SC_WAIT_CLOSED:
+                raise self._closed_error()
+            # SC_WAIT_INTERRUPTED: a signal handler has run on the way back; wait again
 
     def _newest_rv(self) -> int:
         """The newest published RV.  A writer publishes an event (end_index)
         just before it stores the header's rv, so a reader may hold an event
         newer than that rv: the newest slot's RV counts too."""
-        rv = int(lib.sc_load_acquire(self._p_rv))
-        start, end, _ = self._window()
-        if end > start:
-            last = int(self._slots[(end - 1) % self.geometry.capacity].rv)
-            lib.sc_fence_acquire()
-            if lib.sc_load_acquire(self._p_start) < end:  # the slot was not reused while read
-                rv = max(rv, last)
-        return rv
+        out = self._out_load
+        rc = lib.sc_newest_rv(self._layout, out)
+        if rc == lib.SC_CLOSED:
+            raise self._closed_error()
+        if rc != lib.SC_OK:
+            raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
+        return int(out[0])
 
     def _wait_for_rv(self, rv: int, seconds: float) -> None:
         """Block until the newest RV is at least ``rv``, or ``seconds`` passed."""
         deadline = time.monotonic() + seconds
         while True:
-            seq = self._p_notify[0]
-            lib.sc_fence_acquire()
-            self._check_alive()
+            seq = self._load(_OFF_NOTIFY) & 0xFFFFFFFF
             left = deadline - time.monotonic()
             if left <= 0 or self._newest_rv() >= rv:
                 return
-            lib.sc_futex_wait(self._p_notify, seq, int(left * 1e9))
+            if lib.sc_wait_change(self._layout, seq, int(left * 1e9)) == lib.SC_WAIT_CLOSED:
+                raise self._closed_error()
 
     def _wait_change(self, seconds: float) -> None:
-        seq = self._p_notify[0]
-        lib.sc_futex_wait(self._p_notify, seq, int(seconds * 1e9))
+        seq = self._load(_OFF_NOTIFY) & 0xFFFFFFFF
+        if lib.sc_wait_change(self._layout, seq, int(seconds * 1e9)) == lib.SC_WAIT_CLOSED:
+            raise self._closed_error()
 
     # ---- lifecycle -----------------------------------------------------
 
     def close(self) -> None:
-        """Unmap the segment.  Never unlinks anything: readers do not own it."""
+        """Unmap the segment.  Never unlinks anything: readers do not own it.
+
+        May be called from any thread: a watch blocked in another thread
+        wakes and raises CacheClosed, and the mapping goes only once no
+        thread is inside it."""
         if not self._map.closed:
-            self._slots = None
-            self._h = None
+            self._detached = True
             self._map.close()
 
     @property
@@ -497,9 +558,10 @@ class _CopyBuffer:
             self._data = _new_uncleared("uint8_t[]", self._cap)
             self._grow = 0
         while True:
-            reader._check_alive()
             rc = lib.sc_ring_copy(reader._layout, index, end, self.max_events, prefix, len(prefix),
                                   self._meta_c, self._data, self._cap, out)
+            if rc == lib.SC_CLOSED:
+                raise reader._closed_error()
             nxt, count, used, start = ffi.unpack(out, 4)
             if start > index:
                 return None
@@ -607,7 +669,11 @@ class Interval:
 
     def continuation(self) -> Interval:
         """The interval after this one, up to the newest event present now
-        (it reuses this interval's buffer)."""
+        (it reuses this interval's buffer); after a snapshot (``interval(0)``),
+        the events after the snapshot's RV.  ResourceExpired if events after
+        the last one served are gone, or a replace happened after it."""
+        if self.end_index < 0:
+            return self._reader._interval_after(self._last_rv, self.raw_prefix, self.buffer_size)
         start, end, _ = self._reader._window()
         rep_index, rep_rv = self._reader._replaced_at()
         nxt = Interval(self._reader, self._last_rv, self.end_index, end, self.raw_prefix,
@@ -620,6 +686,11 @@ class Interval:
         if start > self.end_index or (rep_rv > self._last_rv and rep_index >= self.end_index):
             nxt._expired()
         return nxt
+
+    @property
+    def last_rv(self) -> int:
+        """The RV of the last event served (``resource_version`` before any)."""
+        return self._last_rv
 
     def _expired(self) -> None:
         oldest = self._reader._window()[2]

@@ -9,6 +9,7 @@ store second, the ring being the store's write-ahead log for crash recovery.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import mmap
 import os
@@ -16,7 +17,6 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import posix_ipc
@@ -138,26 +138,30 @@ class Writer:
         self.is_creator = create
         if create:
             geometry = Geometry.plan(capacity, arena_bytes, max_keys, store_bytes)
-            self._map, self._sem, self._inode = self._create(geometry, mode, lock_timeout)
+            self._map, self._inode = self._create(geometry, mode, lock_timeout)
         else:
             self._map = open_segment(self.name, writable=True)
             self._inode = 0
-            try:
-                self._sem = posix_ipc.Semaphore(sem_name(self.name))
-            except posix_ipc.ExistentialError as err:
-                self._map.close()
+        try:
+            self._lock = WriterLock(self._map, sem_name(self.name), float(lock_timeout))
+        except OSError as err:
+            if create:
+                _unlink_quietly(self.name)
+            self._map.close()
+            if err.errno == errno.ENOENT:
                 raise CacheNotFound(f"cache {name!r} has no writers' semaphore") from err
+            raise
         self.geometry = self._map.geometry
         self._arena_bytes = self.geometry.arena_bytes
         self._max_record = self.geometry.max_record
         self._h: Any = self._map.header
         self._layout: Any = self._map.layout
         self._rv_p: Any = self._map.field("rv")
-        self._lock = WriterLock(self._map, self._sem, float(lock_timeout))
+        self._lock_state: Any = self._lock.state
 
     # ---- creation ------------------------------------------------------
 
-    def _create(self, geometry: Geometry, mode: int, timeout: float) -> tuple[Mapping, Any, int]:
+    def _create(self, geometry: Geometry, mode: int, timeout: float) -> tuple[Mapping, int]:
         for _ in range(5):
             try:
                 mapping = create_segment(self.name, geometry, mode)
@@ -174,6 +178,7 @@ class Writer:
                 pass
             sem = posix_ipc.Semaphore(sem_name(self.name), posix_ipc.O_CREX, mode=mode,
                                       initial_value=1)
+            sem.close()  # waited on and posted through the WriterLock's own handle
             try:
                 os.chmod(_dev_shm("/sem." + sem_name(self.name)[1:]), mode)
             except OSError:
@@ -183,7 +188,7 @@ class Writer:
             mapping.close()
             _unlink_quietly(self.name)
             raise
-        return mapping, sem, inode
+        return mapping, inode
 
     # ---- properties ----------------------------------------------------
 
@@ -207,13 +212,12 @@ class Writer:
         want = check_rv(rv)
         g = self.geometry
         with self._thread_lock:
-            self._begin()
-            result = 0
             try:
+                self._begin()
                 result = lib.sc_put(self._layout, raw, len(raw), data, len(data), want,
                                     g.max_keys, g.store_bytes)
             finally:
-                self._end(published=result > 0)
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
         return self._result(result, key, rv)
 
     def delete(self, key: str, *, rv: int | None = None) -> int:
@@ -222,12 +226,11 @@ class Writer:
         raw = encode_key(key)
         want = check_rv(rv)
         with self._thread_lock:
-            self._begin()
-            result = 0
             try:
+                self._begin()
                 result = lib.sc_delete(self._layout, raw, len(raw), want)
             finally:
-                self._end(published=result > 0)
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
         return self._result(result, key, rv)
 
     def put_many(self, items: Iterable[tuple[str, ValueLike | None]], *, rv: int | None = None) -> int:
@@ -251,17 +254,21 @@ class Writer:
         ops_c = ffi.from_buffer("struct sc_batch_op[]", ops)
         failed = ffi.new("uint32_t *")
         g = self.geometry
-        with self._locked():
-            first = self._next_rv(want or None)
-            if first + count - 1 > MAX_RV:
-                raise InvalidResourceVersion(
-                    f"a batch of {count} events would pass the last resource version {MAX_RV}")
-            rc = lib.sc_batch_check(self._layout, blob, len(blob), ops_c, count, g.max_keys,
-                                    g.store_bytes, failed)
-            if rc != lib.SC_OK:
-                raise self._batch_error(rc, seq[failed[0]][0] if failed[0] < len(seq) else "")
-            result = lib.sc_put_many(self._layout, blob, len(blob), ops_c, count, first)
-            return self._result(result, "", None)
+        with self._thread_lock:
+            try:
+                self._begin()
+                first = self._next_rv(want or None)
+                if first + count - 1 > MAX_RV:
+                    raise InvalidResourceVersion(
+                        f"a batch of {count} events would pass the last resource version {MAX_RV}")
+                rc = lib.sc_batch_check(self._layout, blob, len(blob), ops_c, count, g.max_keys,
+                                        g.store_bytes, failed)
+                if rc != lib.SC_OK:
+                    raise self._batch_error(rc, seq[failed[0]][0] if failed[0] < len(seq) else "")
+                result = lib.sc_put_many(self._layout, blob, len(blob), ops_c, count, first)
+            finally:
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
+        return self._result(result, "", None)
 
     def _encode_batch(self, items: Sequence[object]) -> tuple[bytes, bytes]:
         """The reference of _codec.encode_batch: (blob, ops) of valid items,
@@ -299,11 +306,12 @@ class Writer:
         (another writer may change that at any moment)."""
         raw = encode_key(key)
         with self._thread_lock:
-            self._begin()  # the writer-side lookup reads the store as only a holder may
             try:
-                return bool(lib.sc_store_lookup(self._layout, raw, len(raw)) >= 0)
+                self._begin()  # the writer-side lookup reads the store as only a holder may
+                found = lib.sc_store_lookup(self._layout, raw, len(raw)) >= 0
             finally:
-                self._end(published=False)
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
+        return bool(found)
 
     def bookmark(self, rv: int) -> int:
         """Advance the cache's resource version to ``rv`` without an event:
@@ -313,8 +321,12 @@ class Writer:
         greater than the current resource version.  Returns ``rv``."""
         if check_rv(rv) == 0:
             raise InvalidResourceVersion("bookmark needs an explicit rv")
-        with self._locked():
-            result = lib.sc_bookmark(self._layout, rv)
+        with self._thread_lock:
+            try:
+                self._begin()
+                result = lib.sc_bookmark(self._layout, rv)
+            finally:
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
         return self._result(result, "", rv)
 
     def replace(self, items: Iterable[tuple[str, ValueLike] | tuple[str, ValueLike, int]], *, rv: int) -> int:
@@ -355,10 +367,14 @@ class Writer:
                 f"replace() needs {len(batch)} keys / {need_bytes} record bytes; "
                 f"the store holds {g.max_keys} keys / {g.store_bytes} bytes"
             )
-        with self._locked():
-            new_rv = self._next_rv(rv)
-            self._stage(batch, new_rv)
-            self._commit_replace()
+        with self._thread_lock:
+            try:
+                self._begin()
+                new_rv = self._next_rv(rv)
+                self._stage(batch, new_rv)
+                self._commit_replace()
+            finally:
+                lib.sc_lock_release(self._layout, self._lock_state)  # C directly: see _begin
         return new_rv
 
     def _stage(self, batch: dict[bytes, tuple[bytes, int]], rv: int) -> None:
@@ -420,8 +436,8 @@ class Writer:
                 lib.sc_notify(self._layout)
                 if self._still_mine():
                     _unlink_quietly(self.name)
+            self._lock.close()
             self._map.close()
-            self._sem.close()
 
     def __enter__(self) -> Writer:
         return self
@@ -463,32 +479,20 @@ class Writer:
         return data
 
     def _begin(self) -> None:
-        """Take the writers' lock (the caller holds the thread lock) and
-        repair what a dead holder left half-done."""
+        """Take the writers' lock (the caller holds the thread lock, and
+        calls ``sc_lock_release`` in a ``finally`` around this and the
+        change: the lock knows in C memory whether it is held, and a direct
+        C call is where CPython cannot raise a signal handler's exception
+        before the callee runs — a Python function's entry is) and repair
+        what a dead holder left half-done.  A repair that fails or is
+        interrupted leaves op_state not idle (BROKEN, or the replace still
+        to finish), so the next holder repairs again."""
         self._check_open()
         if self._h.closed:
             raise CacheClosed(f"cache {self.name!r} was closed by its owner")
         if self._lock.acquire():
-            try:
-                self._repair()
-            except BaseException:
-                if self._h.op_state not in (lib.SC_OP_REPLACING, lib.SC_OP_COMMITTING):
-                    self._h.op_state = lib.SC_OP_BROKEN  # else: still knows what to finish
-                self._lock.release(notify=True)
-                raise
-            self._h.op_state = lib.SC_OP_MUTATING
-
-    def _end(self, published: bool) -> None:
-        self._lock.release(notify=published)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            self._begin()
-            try:
-                yield
-            finally:
-                self._end(published=True)
+            self._repair()
+            self._lock.repaired()
 
     def _result(self, result: int, key: str, rv: int | None) -> int:
         if result > 0:
@@ -523,10 +527,7 @@ class Writer:
         return wanted
 
     def _expire_window(self, rv: int) -> None:
-        end = lib.sc_load_acquire(self._map.field("end_index"))
-        lib.sc_store_release(self._map.field("replace_index"), end)
-        lib.sc_store_release(self._map.field("replace_rv"), rv)
-        lib.sc_store_release(self._map.field("start_index"), end)
+        lib.sc_expire_window(self._layout, rv)
 
     def _repair(self) -> None:
         """Finish or roll back what a dead lock holder (or an exception in
@@ -542,7 +543,6 @@ class Writer:
                 rc = lib.sc_replay(self._layout)
             if rc != lib.SC_OK:
                 raise CacheCorrupted(f"cache {self.name!r} cannot be repaired (code {rc})")
-        h.op_state = lib.SC_OP_IDLE
 
 
 # ---- creation helpers ------------------------------------------------------
@@ -567,7 +567,7 @@ def _init_header(mapping: Mapping, g: Geometry) -> None:
     h: Any = mapping.header
     ident = me()
     h.creator_pid = ident.pid
-    h.creator_start_ms = ident.start_ms
+    h.creator_start_ticks = ident.start_ticks
     h.creator_pidns = ident.pidns
     h.creator_boot = ident.boot
     h.layout_version = LAYOUT_VERSION
@@ -637,7 +637,7 @@ def _read_creator(fd: int, name: str, timeout: float) -> ProcessIdentity:
                 view = ffi.from_buffer("uint8_t[]", mm)
                 h: Any = ffi.cast("struct sc_header *", view)
                 magic = lib.sc_load_acquire(ffi.addressof(h[0], "magic"))
-                ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ms),
+                ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
                                         int(h.creator_pidns), int(h.creator_boot))
                 ffi.release(view)
             if magic not in (0, MAGIC):

@@ -486,7 +486,7 @@ def hold_lock(name: str, then: str) -> None:
     emit("held", rv)
     if then == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
-        w._end(published=False)
+        lib.sc_lock_release(w._layout, w._lock_state)
         w._thread_lock.release()
         w.close()
         emit("released")

@@ -186,7 +186,7 @@ def small_writer(name: str, *, capacity: int = 16, arena_bytes: int = 4096, max_
 
 
 def lock_recoveries(reader: Reader) -> int:
-    return int(reader._h.lock_recoveries)
+    return int(reader.header_copy().lock_recoveries)
 
 
 def check_intact(items: list[Item]) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from shmcache._layout import LAYOUT_VERSION
 from shmcache._native import ffi
 
 from shmcache import (
@@ -246,7 +247,7 @@ def test_wrong_magic_is_corrupted(name: str, report: Report) -> None:
 
 def test_wrong_layout_version_is_corrupted(name: str, report: Report) -> None:
     with _small_writer(name):
-        _patch(name, "layout_version", 2)
+        _patch(name, "layout_version", LAYOUT_VERSION + 1)
         with pytest.raises(CacheCorrupted, match="layout version"):
             Reader(name)
     report(checked="another layout version: Reader() raises CacheCorrupted naming it",

@@ -82,11 +82,11 @@ def test_holder_in_a_nested_pid_namespace_is_judged_by_its_pid_there(name: str, 
         assert held["pidns"] != os.stat("/proc/self/ns/pid").st_ino
         assert psutil.pid_exists(ns_pid), f"pid {ns_pid} exists in the holder's namespace only"
         with Reader(name) as r:
-            assert int(r._h.owner_pid) == ns_pid and int(r._h.owner_pidns) == held["pidns"]
+            assert int(r.header_copy().lock_token) & 0xFFFFFFFF == ns_pid and int(r.header_copy().lock_token) >> 32 == held["pidns"]
             alive_msgs = lock_timeouts(name, tries)
             for m in alive_msgs:
                 assert f"live pid {ns_pid} in another PID namespace" in m, m
-            assert int(r._h.lock_recoveries) == 0, "the lock of a holder in another namespace was recovered"
+            assert int(r.header_copy().lock_recoveries) == 0, "the lock of a holder in another namespace was recovered"
             assert r.get("blocked0") is None and r.resource_version == 1
             # the holder dies (SIGKILL of its namespace's init kills the namespace)
             host_pid = _namespaced_child(holder)
@@ -97,7 +97,7 @@ def test_holder_in_a_nested_pid_namespace_is_judged_by_its_pid_there(name: str, 
             # the next writer recovers the lock, exactly once
             with Writer(name, create=False, lock_timeout=0.5) as w:
                 assert w.put("after", b"2") == 2
-            assert int(r._h.lock_recoveries) == 1
+            assert int(r.header_copy().lock_recoveries) == 1
             assert r.get("before") is not None and r.get("after") is not None
     finally:
         if holder is not None:

@@ -132,7 +132,7 @@ def in_futex_wait(pid: int) -> bool:
 
 
 def lock_token(r: Reader) -> int:
-    return int(r._h.lock_token)
+    return int(r.header_copy().lock_token)
 
 
 def test_reader_kills_change_nothing_for_writer_and_other_readers(name: str, tmp_path: Path,
@@ -175,7 +175,7 @@ def test_reader_kills_change_nothing_for_writer_and_other_readers(name: str, tmp
                 Path(stop).touch()
                 final = writer.until_end()[1]["end"]
                 assert writer.close() == 0, writer.stderr
-            assert lock_token(r) == 0 and int(r._h.lock_recoveries) == 0
+            assert lock_token(r) == 0 and int(r.header_copy().lock_recoveries) == 0
             assert r.resource_version == final
             Path(done).touch()
             _, end = verifier.until_end(timeout=60)

@@ -132,7 +132,7 @@ def test_crash_inside_replace(name: str, case: str, report: Report) -> None:
         # the next writer recovers the lock and finishes or abandons the replace
         other = stack.enter_context(Writer(name, create=False, lock_timeout=0.3))
         rv = other.put("after", b"a")
-        assert int(r._h.lock_recoveries) == 1
+        assert int(r.header_copy().lock_recoveries) == 1
         if committed:
             assert rv == 18
             assert r.list() == (18, sorted(new + [Item("after", b"a", 18)]))
@@ -236,7 +236,7 @@ def test_writers_killed_in_replace_and_put_many_loops(name: str, report: Report)
             allowed = [states[done], states[done + 1]] + (
                 [_apply(states[done], kind, items[:k]) for k in range(1, len(items))]
                 if kind == "put_many" else [])
-            op_state = int(r._h.op_state)
+            op_state = int(r.header_copy().op_state)
             found[{0: "idle", 1: "idle", 2: "staging", 4: "committing"}.get(op_state, "other")] += 1
             if op_state != 4:  # committing: list() waits for the next writer
                 seen = {i.key: i.value for i in r.list().items}
@@ -250,7 +250,7 @@ def test_writers_killed_in_replace_and_put_many_loops(name: str, report: Report)
             checked += len(snap.items)
             state = seen
             w.delete("cont")
-        recoveries = int(r._h.lock_recoveries)
+        recoveries = int(r.header_copy().lock_recoveries)
     report(checked="writers SIGKILLed in replace()/put_many() loops: list() is always a whole state, "
                    "before and after recovery",
            events=checked, faults=rounds, failures=0, lock_recoveries=recoveries, **{f"killed_{k}": v
