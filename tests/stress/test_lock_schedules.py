@@ -119,7 +119,9 @@ def test_claimers_stopped_in_the_claim_window_never_break_exclusion(name: str, t
                     os.kill(claimer.pid, signal.SIGCONT)
                     out, _ = claimer.communicate(timeout=60)
                     stats = json.loads(out.splitlines()[-1])
-                    assert stats["holds"] == 1
+                    # its one attempt: a hold, or (the semaphore is not fair: the
+                    # hammers may keep winning it) a LockTimeout on a live holder
+                    assert stats["holds"] + stats["lock_timeouts"] == 1
                     for k in totals:
                         totals[k] += stats[k]
                 finally:
