@@ -6,6 +6,7 @@ of a snapshot interval (the events after the snapshot, not ResourceExpired)."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from shmcache import CacheClosed, Event, Reader, ResourceExpired, Writer
+from shmcache import CacheClosed, Event, EventType, Reader, ResourceExpired, Writer
 
 from .helpers import REPO
 
@@ -27,8 +28,7 @@ def _watch_in_thread(r: Reader, since: int, timeout: float | None) -> tuple[thre
 
     def follow() -> None:
         try:
-            for e in r.watch(since, timeout=timeout):
-                got.append(e)
+            got.extend(r.watch(since, timeout=timeout))
             got.append("ended")
         except (ResourceExpired, CacheClosed) as err:
             got.append(err)
@@ -106,7 +106,7 @@ _DIES_BEFORE_WAKE = textwrap.dedent("""
 def test_recovery_wakes_watchers_a_dead_writer_left_asleep(name: str, recovery: str) -> None:
     with Writer(name, lock_timeout=0.3, **SIZES) as w, Reader(name) as r:
         w.put("a", b"1")
-        t, got = _watch_in_thread(r, 1, None)
+        _, got = _watch_in_thread(r, 1, None)
         time.sleep(0.2)
         subprocess.run([sys.executable, "-c", _DIES_BEFORE_WAKE, name], check=True, timeout=60, cwd=REPO)
         if recovery == "has":
@@ -166,3 +166,101 @@ def test_a_snapshot_whose_next_events_were_evicted_expires(name: str) -> None:
             w.put("a", b"%d" % i)
         with pytest.raises(ResourceExpired):
             snap.continuation()
+
+
+# ---- the same, with the sleeper's state checked instead of hinted at ------------
+
+#: syscall number of futex(2) per machine, for /proc/<pid>/syscall
+_FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}
+
+
+def wait_asleep_in_futex(pid: int, timeout: float = 30) -> None:
+    """Return once the (single-threaded) process ``pid`` is blocked in
+    futex(2): a watcher asleep at the end of the ring, which only a futex
+    wake (or a signal) gets out of."""
+    number = str(_FUTEX_SYSCALL[platform.machine()])
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+        if fields and fields[0] == number:
+            return
+        assert time.monotonic() < deadline, f"pid {pid} never went to sleep in futex(2): {fields}"
+        time.sleep(0.005)
+
+
+_FIRST_EVENT = textwrap.dedent("""
+    import sys
+    from shmcache import Reader
+    r = Reader(sys.argv[1])
+    print("watching", flush=True)
+    for e in r.watch(int(sys.argv[2]), timeout=None):
+        print("event", e.key, e.value.decode(), e.rv, flush=True)
+        break
+""")
+
+
+@pytest.mark.skipif(platform.machine() not in _FUTEX_SYSCALL, reason="futex(2)'s number on this machine is not known")
+@pytest.mark.parametrize("recovery", ["has", "failing delete"])
+def test_recovery_wakes_a_watcher_process_a_dead_writer_left_asleep(name: str, recovery: str) -> None:
+    """A watcher in another process, certainly asleep in the futex before
+    the writer dies between publishing and waking: the recovering writer's
+    operation (a has(), or a delete() that raises KeyError) must wake it,
+    with nothing else published."""
+    with Writer(name, lock_timeout=0.3, **SIZES) as w:
+        w.put("a", b"1")
+        p = subprocess.Popen([sys.executable, "-c", _FIRST_EVENT, name, "1"], stdout=subprocess.PIPE,
+                             text=True, cwd=REPO)
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "watching"
+            wait_asleep_in_futex(p.pid)
+            subprocess.run([sys.executable, "-c", _DIES_BEFORE_WAKE, name], check=True, timeout=60, cwd=REPO)
+            with Reader(name) as r:
+                assert r.resource_version == 2  # published, the lock still held by the dead writer
+            if recovery == "has":
+                assert w.has("k")
+            else:
+                with pytest.raises(KeyError):
+                    w.delete("absent")
+            assert int(w._h.lock_recoveries) == 1
+            out, _ = p.communicate(timeout=5)  # woken by the recovery: no further put
+            assert out.split() == ["event", "k", "published-by-a-dead-writer", "2"], out
+            assert p.returncode == 0
+            assert w.resource_version == 2
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=30)
+
+
+_ANOTHER_WRITER = textwrap.dedent("""
+    import sys
+    from shmcache import Writer
+    with Writer(sys.argv[1], create=False) as w:
+        w.put("c", b"3")
+        w.delete("a")
+        w.put("b", b"22")
+""")
+
+
+def test_a_snapshot_continuation_serves_another_writers_events_as_raw_batches(name: str) -> None:
+    """The continuation of a drained snapshot interval (one process) holds
+    exactly the events another process published after the snapshot's RV,
+    through raw_batches() too (one batch per refill of a 1-event buffer)."""
+    with Writer(name, **SIZES) as w, Reader(name) as r:
+        w.put("a", b"1")
+        w.put("b", b"2")
+        snap = r.interval(0, buffer_size=1)
+        assert [tuple(e) for e in snap] == [(EventType.ADDED, "a", b"1", 2), (EventType.ADDED, "b", b"2", 2)]
+        subprocess.run([sys.executable, "-c", _ANOTHER_WRITER, name], check=True, timeout=60, cwd=REPO)
+        nxt = snap.continuation()
+        assert nxt.resource_version == 2
+        batches = [(batch.count, batch.last_rv, [tuple(e) for e in batch.events()]) for batch in nxt.raw_batches()]
+        assert batches == [
+            (1, 3, [(EventType.ADDED, "c", b"3", 3)]),
+            (1, 4, [(EventType.DELETED, "a", b"1", 4)]),
+            (1, 5, [(EventType.MODIFIED, "b", b"22", 5)]),
+        ]
+        assert nxt.last_rv == 5
+        w.put("d", b"4")
+        assert [tuple(e) for e in nxt.continuation()] == [(EventType.ADDED, "d", b"4", 6)]
