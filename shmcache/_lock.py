@@ -39,6 +39,18 @@ from .exceptions import LockTimeout
 
 __all__ = ["WriterLock", "identity_of_word", "word_of_identity"]
 
+# getpid() is a system call, too dear for every acquisition: cache it, and
+# refresh it in a forked child (whose lock word must name the child).
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
 _TICKS_MASK = (1 << START_TICKS_BITS) - 1
 _BOOT_MASK = (1 << BOOT_BITS) - 1
 _U32 = 0xFFFFFFFF
@@ -90,7 +102,7 @@ class WriterLock:
         call ``repaired()`` once done); otherwise op_state is now
         SC_OP_MUTATING."""
         state = self._state
-        pid = os.getpid()
+        pid = _pid
         if pid != self._pid:  # first use, or a forked child
             state.word[0], state.word[1] = word_of_identity(me())
             self._pid = pid

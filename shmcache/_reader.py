@@ -8,7 +8,6 @@ or discarded.  Everything read from the segment is treated as untrusted.
 
 from __future__ import annotations
 
-import errno
 import struct
 import time
 from collections.abc import Iterator

@@ -16,11 +16,12 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import posix_ipc
 
+from . import _codec
 from ._layout import (
     LAYOUT_VERSION,
     MAGIC,
@@ -33,7 +34,6 @@ from ._layout import (
     sem_name,
     shm_name,
 )
-from . import _codec
 from ._lock import WriterLock
 from ._native import ffi, lib
 from ._owner import Liveness, ProcessIdentity, judge, me

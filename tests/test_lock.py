@@ -18,11 +18,11 @@ from typing import Any
 
 import posix_ipc
 import pytest
-from shmcache._lock import identity_of_word, word_of_identity
 from shmcache._native import ffi, lib
-from shmcache._owner import ProcessIdentity, me
 
 from shmcache import LockTimeout, Reader, Writer
+from shmcache._lock import identity_of_word, word_of_identity
+from shmcache._owner import ProcessIdentity, me
 
 from .helpers import REPO
 

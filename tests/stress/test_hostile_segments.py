@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from shmcache._layout import LAYOUT_VERSION
 from shmcache._native import ffi
 
 from shmcache import (
@@ -36,6 +35,7 @@ from shmcache import (
     ShmCacheError,
     Writer,
 )
+from shmcache._layout import LAYOUT_VERSION
 
 from .._hostile_child import CASE_TIMEOUT, FIELDS, write_field
 from .._report import Report
