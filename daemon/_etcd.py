@@ -17,6 +17,9 @@ Errors: ``EtcdUnavailable`` when no endpoint answers (retry later),
 ``EtcdCompacted`` when the revision asked for is gone (list again),
 ``EtcdRequestError`` when etcd refuses the request, ``EtcdProtocolError`` when
 an answer is not what etcd sends.  All derive from ``EtcdError``.
+``EtcdTooLarge``, an ``EtcdUnavailable``, when an answer or watch message
+outgrows the client's limits (see ``message_limit``): nothing bigger than
+the limit is ever read or parsed.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ __all__ = [
     "EtcdError",
     "EtcdProtocolError",
     "EtcdRequestError",
+    "EtcdTooLarge",
     "EtcdUnavailable",
     "KeyValue",
     "Watch",
     "WatchEvent",
     "WatchResponse",
+    "message_limit",
     "prefix_range_end",
 ]
 
@@ -55,10 +60,22 @@ _T = TypeVar("_T")
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _READ_BYTES = 1 << 16
-#: A watch line longer than this is not a message etcd would send (its
-#: largest request is 1.5 MiB by default; a catch-up batch of many of those
-#: stays far below): a peer streaming endless bytes is refused, not buffered.
-MAX_MESSAGE_BYTES = 1 << 28
+#: JSON bytes of one key-value beside its base64 key and value, at most:
+#: ``{"type":"DELETE","kv":{"key":"","create_revision":"","mod_revision":"",
+#: "version":"","value":"","lease":""}},`` is 108, four int64 of up to 20
+#: digits 80, base64 padding 6; the rest is room for fields etcd may add
+KV_FRAMING = 256
+#: JSON bytes of a message beside its key-values (header, flags, counts)
+MESSAGE_FRAMING = 4096
+#: JSON values per key-value allowed in a message, as ``_json`` counts
+#: them (commas and opening brackets): a watch event has at most 8, a range kv 7
+VALUES_PER_KV = 12
+#: every byte outside ASCII made "?": etcd's JSON is ASCII (base64, numbers,
+#: field names) but for error texts
+_ASCII = bytes(range(128)) + b"?" * 128
+#: the smallest max_message_bytes: a status answer or a watch's "created"
+#: message is a few hundred bytes
+MIN_MESSAGE_BYTES = 4096
 #: gRPC status codes the gateway reports in ``code`` / ``grpc_code``
 _OUT_OF_RANGE = 11
 _UNAVAILABLE = 14
@@ -116,6 +133,26 @@ class EtcdProtocolError(EtcdError):
     version; retrying the same endpoint will most likely fail the same way."""
 
 
+class EtcdTooLarge(EtcdUnavailable):
+    """An answer or watch message bigger than the client's limits
+    (``max_message_bytes``, or more than ``max_message_kvs`` key-values'
+    worth of JSON values): refused after reading at most the limit + 1
+    bytes, never parsed.  An ``EtcdUnavailable``, so a request fails over to
+    the next endpoint (this one may be an impostor streaming garbage) and the
+    upstream backs off and retries.  From a watch it most often means a
+    catch-up message spanning many revisions (etcd batches up to 1,000):
+    list the prefix again at the current revision, which is bounded by what
+    the cache holds, and watch from there."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message, limit)
+        self.message = message
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # ---- values -------------------------------------------------------------------
 
 
@@ -152,6 +189,56 @@ class WatchResponse(NamedTuple):
     revision: int
     events: list[WatchEvent]
     progress: bool
+
+
+def message_limit(store_bytes: int, max_keys: int, prefix_bytes: int = 0) -> int:
+    """The largest etcd answer or watch message, in bytes of JSON, that a
+    cache of ``store_bytes`` (record bytes: key + value + a 24-byte header
+    each) and ``max_keys`` keys can need, for keys under a prefix of
+    ``prefix_bytes`` bytes (what the cache strips from each etcd key)::
+
+        ceil(4 * store_bytes / 3)                 # keys and values in base64
+        + max_keys * (KV_FRAMING + ceil(4 * prefix_bytes / 3))
+        + MESSAGE_FRAMING
+
+    with KV_FRAMING = 256 and MESSAGE_FRAMING = 4,096 bytes.  Why it is
+    enough: a listing holds at most what the store holds (at most
+    ``max_keys`` keys whose keys and values add up to at most
+    ``store_bytes``), and a range page is part of a listing; one revision's
+    events (a transaction never writes a key twice) are part of the state
+    after it, or keys it deleted, which were held.  The ring arena does not
+    enter: what it carries must fit the store as well.  What does not fit:
+    a catch-up watch message spanning many revisions (``EtcdTooLarge``:
+    list again instead), a revision the cache could not hold anyway, keys
+    the mirror skips (not UTF-8, over 1,024 bytes) beyond the framing's
+    slack.
+
+    Give it to ``EtcdClient`` as ``max_message_bytes``, with ``max_keys``
+    as ``max_message_kvs``.  The memory that bounds: a message is read up
+    to max_message_bytes + 1 bytes, and parsing and decoding it takes at
+    most about ``3 * max_message_bytes + 2.5 KiB * max_message_kvs`` at
+    its peak (measured with crafted messages: the bytes, their text, the
+    parsed strings; at most 210 bytes a JSON value, 12 values a key-value
+    counted before parsing; a real message of big values peaks at 2 times
+    its size).  For the daemon's default cache (64 MiB store, 65,536 keys,
+    a 32-byte prefix): a limit of 104 MiB, a worst case of 472 MiB; for a
+    1 MiB store of 1,024 keys: 1.6 MiB and 7.3 MiB."""
+    _check_count("store_bytes", store_bytes, 1)
+    _check_count("max_keys", max_keys, 1)
+    _check_count("prefix_bytes", prefix_bytes, 0)
+    return (-(-4 * store_bytes // 3) + max_keys * (KV_FRAMING - (-4 * prefix_bytes // 3))
+            + MESSAGE_FRAMING)
+
+
+def _check_count(label: str, value: int, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{label} must be an integer >= {least}, not {value!r}")
+
+
+#: the limits of a client that is not told any: those of the daemon's
+#: default cache (64 MiB store, 65,536 keys) under a prefix of 32 bytes
+DEFAULT_MAX_MESSAGE_KVS = 65536
+DEFAULT_MAX_MESSAGE_BYTES = message_limit(64 << 20, DEFAULT_MAX_MESSAGE_KVS, 32)
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -230,6 +317,25 @@ def _transport(where: str) -> Iterator[None]:
         raise EtcdUnavailable(f"{where}: {_describe(err)}") from err
 
 
+def _read_body(where: str, response: http.client.HTTPResponse, limit: int) -> bytearray:
+    """The whole body of ``response``, read a block at a time: never more
+    than ``limit`` + 1 bytes, whatever Content-Length says or however long
+    a chunked body goes on."""
+    if response.length is not None and response.length > limit:
+        raise EtcdTooLarge(f"{where}: an answer of {response.length} bytes, over the limit of {limit}", limit)
+    data = bytearray()
+    while True:
+        block = response.read1(min(_READ_BYTES, limit + 1 - len(data)))
+        if not block:
+            break
+        data += block
+        if len(data) > limit:
+            raise EtcdTooLarge(f"{where}: an answer over the limit of {limit} bytes", limit)
+    if response.length:  # read1 returns b"" at a premature end instead of raising IncompleteRead
+        raise http.client.IncompleteRead(bytes(data[-80:]), response.length)
+    return data
+
+
 # ---- decoding -----------------------------------------------------------------
 
 
@@ -251,7 +357,8 @@ def _bytes(obj: dict[str, Any], name: str) -> bytes:
     if not isinstance(value, str):
         raise EtcdProtocolError(f"field {name!r} is not base64 text: {value!r}")
     try:
-        return base64.b64decode(value, validate=True)
+        # what b64decode(validate=True) checks, without its ASCII copy of the text
+        return binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as err:
         raise EtcdProtocolError(f"field {name!r} is not base64: {value[:80]!r}") from err
 
@@ -311,21 +418,43 @@ def _refusal(where: str, status: int, answer: Any) -> EtcdError:
     return EtcdProtocolError(f"{where}: HTTP {status} with an answer etcd does not give: {answer!r:.200}")
 
 
-def _answer(where: str, status: int, data: bytes) -> dict[str, Any]:
-    """The JSON object of a 200 answer; any other status raises."""
+def _json(where: str, what: str, data: bytearray, max_values: int) -> Any:
+    """``data`` parsed, and emptied, unless it holds more than
+    ``max_values`` JSON values.
+
+    json builds an object of 50 to 250 bytes per value however short its
+    text (``[{},{},...]`` costs 24 times its size), so values are counted
+    first, at C speed: each but the first follows a ``,`` or opens an object
+    or array (commas inside strings only overcount; etcd's strings are
+    base64 and numbers).  Bytes beyond ASCII become "?": etcd's JSON is
+    ASCII but for error texts, and one character beyond U+FFFF would make
+    the str of the whole message, and each string with it, 4 bytes a
+    character.  ``data`` is emptied once decoded, so that the parse never
+    holds the message's bytes and its text at once."""
+    values = data.count(b",") + data.count(b"{") + data.count(b"[") + 1
+    if values > max_values:
+        raise EtcdTooLarge(f"{where}: {what} of {values} JSON values or more, over the limit of "
+                           f"{max_values}", max_values)
+    text = (data if data.isascii() else data.translate(_ASCII)).decode("ascii")
+    data.clear()
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        raise EtcdProtocolError(f"{where}: {what} that is not JSON: {text[:200]!r}") from None
+
+
+def _answer(where: str, status: int, data: bytearray, max_values: int) -> dict[str, Any]:
+    """The JSON object of a 200 answer; any other status raises.  Empties ``data``."""
     # 5xx is the gateway's translation of Unavailable (no leader, shutting
     # down), DeadlineExceeded, Internal; 429 of "too many requests": all
     # about this member now, so another member may well answer.
     if status >= 500 or status == 429:
-        raise EtcdUnavailable(f"{where}: HTTP {status}: {data[:200]!r}")
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        raise EtcdProtocolError(f"{where}: HTTP {status} with a body that is not JSON: {data[:200]!r}") from None
+        raise EtcdUnavailable(f"{where}: HTTP {status}: {bytes(data[:200])!r}")
+    answer = _json(where, f"HTTP {status} with a body", data, max_values)
     if status != 200:
         raise _refusal(where, status, answer)
     if not isinstance(answer, dict):
-        raise EtcdProtocolError(f"{where}: an answer that is not a JSON object: {data[:200]!r}")
+        raise EtcdProtocolError(f"{where}: an answer that is not a JSON object: {answer!r:.200}")
     return answer
 
 
@@ -336,12 +465,22 @@ class EtcdClient:
     """A read-only client of one etcd cluster, by any of its members' client
     URLs.
 
-    ``endpoints`` are ``http://host:port`` or ``https://host:port``.  For
-    https, ``ca`` is the CA bundle that signed the members' certificates
+    ``endpoints`` are ``http://host:port`` or ``https://host:port``, all
+    with the same scheme (a failover never moves from TLS to plaintext).
+    For https, ``ca`` is the CA bundle that signed the members' certificates
     (default: the system's) and ``cert`` / ``key`` the client certificate
-    and its key (``key`` may be left out when ``cert`` holds both).  Files
-    are read, and endpoints checked, here: a bad one raises ValueError (or
-    FileNotFoundError) naming it.
+    and its key (``key`` may be left out when ``cert`` holds both); with any
+    of them, every endpoint must be https.  Files are read, and endpoints
+    checked, here: a bad one raises ValueError (or FileNotFoundError)
+    naming it.
+
+    ``max_message_bytes`` bounds each answer and each watch message, in
+    bytes of JSON, and ``max_message_kvs`` the key-values' worth of JSON
+    values in one (range pages ask for no more keys than that); a bigger
+    one raises ``EtcdTooLarge`` after at most ``max_message_bytes`` + 1
+    bytes were read.  ``message_limit`` derives the bytes from the cache
+    the answers go to, with ``max_message_kvs`` its ``max_keys``; the
+    defaults fit the daemon's default cache.
 
     ``timeout`` (seconds) bounds connecting and each wait for an answer's
     bytes, per endpoint: a request tries the endpoints round-robin, from the
@@ -355,28 +494,44 @@ class EtcdClient:
     """
 
     def __init__(self, endpoints: list[str], *, ca: str | None = None, cert: str | None = None,
-                 key: str | None = None, timeout: float = 5.0) -> None:
+                 key: str | None = None, timeout: float = 5.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_message_kvs: int = DEFAULT_MAX_MESSAGE_KVS) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints must be a list of URLs, not one string")
         if not endpoints:
             raise ValueError("no etcd endpoint given")
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        _check_count("max_message_bytes", max_message_bytes, MIN_MESSAGE_BYTES)
+        _check_count("max_message_kvs", max_message_kvs, 1)
         self._endpoints = tuple(_parse_endpoint(e) for e in endpoints)
         self.endpoints = tuple(e.url for e in self._endpoints)
         self.timeout = float(timeout)
-        self._tls: ssl.SSLContext | None = None
-        wants_tls = any(e.scheme == "https" for e in self._endpoints)
+        self.max_message_bytes = max_message_bytes
+        self.max_message_kvs = max_message_kvs
+        # a status answer or an error is a few values however small the cache
+        self._max_values = VALUES_PER_KV * max_message_kvs + 64
         if ca is not None or cert is not None or key is not None:
-            if not wants_tls:  # most likely a mistake in the endpoints: nothing would be encrypted
-                raise ValueError("etcd TLS files given, but no endpoint is https://")
+            for endpoint in self._endpoints:
+                if endpoint.scheme != "https":
+                    raise ValueError(f"etcd endpoint {endpoint.url!r} is not https://, but TLS files are given "
+                                     f"(ca/cert/key): with TLS every endpoint must be https://")
+        first = self._endpoints[0]
+        for endpoint in self._endpoints[1:]:
+            if endpoint.scheme != first.scheme:
+                # a failover from an https endpoint to an http one would send
+                # the same requests, and get the answers, in plaintext
+                raise ValueError(f"etcd endpoints {first.url!r} and {endpoint.url!r}: all endpoints must use "
+                                 f"the same scheme (http:// or https://)")
+        self._tls: ssl.SSLContext | None = None
+        if first.scheme == "https":
             self._tls = _tls_context(ca, cert, key)
-        elif wants_tls:
-            self._tls = _tls_context(None, None, None)
         self._preferred = 0  # index of the endpoint that answered last
 
     def __repr__(self) -> str:
-        return f"EtcdClient({list(self.endpoints)!r}, timeout={self.timeout})"
+        return (f"EtcdClient({list(self.endpoints)!r}, timeout={self.timeout}, "
+                f"max_message_bytes={self.max_message_bytes}, max_message_kvs={self.max_message_kvs})")
 
     # ---- requests --------------------------------------------------------
 
@@ -394,6 +549,7 @@ class EtcdClient:
             raise ValueError(f"revision must be >= 0, not {revision}")
         if page < 1:
             raise ValueError(f"page must be >= 1, not {page}")
+        page = min(page, self.max_message_kvs)  # a fuller page would be refused as too large
         start = prefix or b"\0"  # etcd has no empty key; b"\0" is the smallest
         end = prefix_range_end(prefix)
         at = revision
@@ -410,6 +566,8 @@ class EtcdClient:
                 if at < 1:
                     raise EtcdProtocolError(f"a range answer at revision {at}")
             got = [_kv(item) for item in _list(answer, "kvs")]
+            more = _bool(answer, "more")
+            del answer  # the parsed page costs several times its kvs: not kept while the next is read
             for kv in got:
                 if not kv.key.startswith(prefix) or kv.key < start or (kvs and kv.key <= kvs[-1].key):
                     raise EtcdProtocolError(f"range under {prefix!r}: key {kv.key!r} out of order or outside")
@@ -417,7 +575,7 @@ class EtcdClient:
                     raise EtcdProtocolError(f"range at revision {at}: key {kv.key!r} "
                                             f"modified at {kv.mod_revision}")
                 kvs.append(kv)
-            if not _bool(answer, "more"):
+            if not more:
                 return at, kvs
             if not got:
                 raise EtcdProtocolError(f"range under {prefix!r}: 'more' without any key")
@@ -453,7 +611,7 @@ class EtcdClient:
 
         def attempt(endpoint: _Endpoint) -> Watch:
             return Watch._open(self._connection(endpoint), endpoint.url, payload, prefix, start_revision,
-                               idle_timeout)
+                               idle_timeout, self.max_message_bytes, self._max_values)
 
         return self._failover(attempt)
 
@@ -468,7 +626,9 @@ class EtcdClient:
     # ---- plumbing --------------------------------------------------------
 
     def _connection(self, endpoint: _Endpoint) -> http.client.HTTPConnection:
-        if endpoint.scheme == "https":
+        # TLS is decided once for the client, not per endpoint: no endpoint
+        # can take a request to plaintext (the constructor refused mixed schemes)
+        if self._tls is not None:
             return http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self.timeout,
                                                context=self._tls)
         return http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=self.timeout)
@@ -498,10 +658,10 @@ class EtcdClient:
                 with _transport(where):
                     conn.request("POST", path, body=payload, headers=_HEADERS)
                     with conn.getresponse() as response:
-                        status, data = response.status, response.read()
+                        status, data = response.status, _read_body(where, response, self.max_message_bytes)
             finally:
                 conn.close()
-            return _answer(where, status, data)
+            return _answer(where, status, data, self._max_values)
 
         return self._failover(attempt)
 
@@ -518,11 +678,13 @@ class Watch:
     come from any thread or a signal handler."""
 
     def __init__(self, conn: http.client.HTTPConnection, url: str, prefix: bytes, start_revision: int,
-                 idle_timeout: float | None) -> None:
+                 idle_timeout: float | None, max_bytes: int, max_values: int) -> None:
         self.url = url
         self.prefix = prefix
         self.start_revision = start_revision
         self.idle_timeout = idle_timeout
+        self._max_bytes = max_bytes
+        self._max_values = max_values
         self._conn = conn
         self._response: http.client.HTTPResponse | None = None
         self._sock: socket.socket | None = None
@@ -534,8 +696,8 @@ class Watch:
 
     @classmethod
     def _open(cls, conn: http.client.HTTPConnection, url: str, payload: bytes, prefix: bytes,
-              start_revision: int, idle_timeout: float | None) -> Watch:
-        watch = cls(conn, url, prefix, start_revision, idle_timeout)
+              start_revision: int, idle_timeout: float | None, max_bytes: int, max_values: int) -> Watch:
+        watch = cls(conn, url, prefix, start_revision, idle_timeout, max_bytes, max_values)
         try:
             watch._establish(payload)
         except BaseException:
@@ -551,8 +713,8 @@ class Watch:
             self._response = self._conn.getresponse()
         if self._response.status != 200:
             with _transport(where):
-                data = self._response.read()
-            _answer(where, self._response.status, data)
+                data = _read_body(where, self._response, self._max_bytes)
+            _answer(where, self._response.status, data, self._max_values)
             raise EtcdProtocolError(f"{where}: HTTP {self._response.status}")
         first = self._result()
         if not _bool(first, "created") or _bool(first, "canceled"):
@@ -612,45 +774,51 @@ class Watch:
 
     def _result(self) -> dict[str, Any]:
         """The next message's ``result`` object; a stream ``error`` raises."""
-        line = self._line()
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise EtcdProtocolError(f"{self.url}: a watch message that is not JSON: {line[:200]!r}") from None
+        message = _json(self.url, "a watch message", self._line(), self._max_values)
         if not isinstance(message, dict):
-            raise EtcdProtocolError(f"{self.url}: a watch message that is not an object: {line[:200]!r}")
+            raise EtcdProtocolError(f"{self.url}: a watch message that is not an object: {message!r:.200}")
         if "error" in message:
             raise _refusal(self.url + "/v3/watch", 200, message["error"])
         return _dict(message, "result")
 
-    def _line(self) -> bytes:
+    def _line(self) -> bytearray:
         """The next non-empty line of the stream (the gateway ends each
-        message with a newline; a last one without it counts too)."""
+        message with a newline; a last one without it counts too).  The
+        buffer never holds more than the limit + 1 bytes without a newline."""
         response = self._response
         if response is None:
             raise EtcdUnavailable(f"{self.url}: the watch is closed")
+        limit = self._max_bytes
         while True:
-            end = self._buffer.find(b"\n", self._scanned)
+            buffer = self._buffer
+            end = buffer.find(b"\n", self._scanned)
             if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[:end + 1]
+                if end > limit:  # cannot happen with the reads below; refused all the same
+                    raise EtcdTooLarge(f"{self.url}: a watch message over the limit of {limit} bytes", limit)
+                # copy the smaller part: a big message is not copied again
+                if 2 * end > len(buffer):
+                    line, self._buffer = buffer, buffer[end + 1:]
+                    del line[end:]
+                else:
+                    line = buffer[:end]
+                    del buffer[:end + 1]
                 self._scanned = 0
-                if line.strip():
+                if line and not line.isspace():  # strip() would copy the message
                     return line
                 continue
-            self._scanned = len(self._buffer)
-            if len(self._buffer) > MAX_MESSAGE_BYTES:
-                raise EtcdProtocolError(f"{self.url}: a watch message over {MAX_MESSAGE_BYTES} bytes")
+            self._scanned = len(buffer)
+            room = limit + 1 - len(buffer)
+            if room <= 0:
+                raise EtcdTooLarge(f"{self.url}: a watch message over the limit of {limit} bytes", limit)
             with _transport(self.url + "/v3/watch"):
-                chunk = response.read1(_READ_BYTES)
+                chunk = response.read1(min(_READ_BYTES, room))
             if not chunk:
-                if self._buffer.strip():
-                    line = bytes(self._buffer)
-                    self._buffer.clear()
+                if buffer and not buffer.isspace():
+                    self._buffer = bytearray()
                     self._scanned = 0
-                    return line
+                    return buffer
                 raise EtcdUnavailable(f"{self.url}: the watch stream ended")
-            self._buffer += chunk
+            buffer += chunk
 
     def close(self) -> None:
         """End the watch and close its connection; idempotent.  Safe from

@@ -16,7 +16,14 @@ import time
 
 from shmcache import CacheClosed, Writer
 
-from ._etcd import EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, Watch
+from ._etcd import (
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    EtcdTooLarge,
+    EtcdUnavailable,
+    Watch,
+)
 from ._mirror import Mirror
 
 __all__ = ["Upstream"]
@@ -115,16 +122,27 @@ class Upstream(threading.Thread):
                     self.reconnects += 1
                 log.info("following etcd from revision %d", self.mirror.revision + 1)
             self.connected, self.disconnected_since = True, None
-            for response in watch:
-                self.mirror.apply(response)
-                if self._stopping.is_set():
-                    return
-            if not self._stopping.is_set():
-                raise EtcdUnavailable("the watch ended")
+            try:
+                for response in watch:
+                    self.mirror.apply(response)
+                    if self._stopping.is_set():
+                        return
+            except EtcdTooLarge as err:
+                # Resuming would meet the same message again: etcd batches up
+                # to 1,000 revisions into one while catching a watch up, so it
+                # can outgrow the limit while every revision fits the cache.
+                # A listing at the current revision is bounded by the cache.
+                log.warning("%s: listing the prefix again instead", err)
+            else:
+                if not self._stopping.is_set():
+                    raise EtcdUnavailable("the watch ended")
+                return
         finally:
             with self._watch_lock:
                 self._watch = None
             watch.close()
+        if not self._stopping.is_set():  # only after a message too large: the watch is closed by now
+            self._relist()
 
     def _lost(self, err: BaseException) -> None:
         if self._stopping.is_set():

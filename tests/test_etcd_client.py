@@ -472,8 +472,10 @@ def test_bad_client_arguments() -> None:
         EtcdClient("http://127.0.0.1:2379")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout"):
         EtcdClient(["http://127.0.0.1:2379"], timeout=0)
-    good = EtcdClient(["http://127.0.0.1:2379", "https://[::1]:2379/", "http://etcd-0.example:2379"])
-    assert good.endpoints == ("http://127.0.0.1:2379", "https://[::1]:2379/", "http://etcd-0.example:2379")
+    good = EtcdClient(["http://127.0.0.1:2379", "http://[::1]:2379/", "http://etcd-0.example:2379"])
+    assert good.endpoints == ("http://127.0.0.1:2379", "http://[::1]:2379/", "http://etcd-0.example:2379")
+    assert EtcdClient(["https://[::1]:2379/", "https://etcd-0.example:2379"]).endpoints == (
+        "https://[::1]:2379/", "https://etcd-0.example:2379")
 
 
 def test_tls_options_are_checked_at_construction(tmp_path: Path) -> None:
@@ -490,6 +492,6 @@ def test_tls_options_are_checked_at_construction(tmp_path: Path) -> None:
         EtcdClient(https, ca=str(garbage))
     with pytest.raises(ValueError, match="without a client certificate"):
         EtcdClient(https, key=str(garbage))
-    with pytest.raises(ValueError, match="no endpoint is https"):
+    with pytest.raises(ValueError, match="'http://127.0.0.1:2379' is not https://, but TLS files are given"):
         EtcdClient(["http://127.0.0.1:2379"], ca=str(garbage))
     EtcdClient(https)  # the system's CAs

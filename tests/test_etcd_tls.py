@@ -1,8 +1,12 @@
 """The etcd client's TLS options against a real etcd serving https with
-client certificate authentication (certificates made here with openssl)."""
+client certificate authentication (certificates made here with openssl),
+and the rule that keeps every request encrypted once TLS is asked for:
+https endpoints only, never a mix of schemes, in the client and in
+shmcached's configuration."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -11,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon._config import ConfigError, parse
 from daemon._etcd import EtcdClient, EtcdError, EtcdUnavailable
+from daemon._main import main
 
-from ._etcd import ETCD_BINARY, _etcd_env, free_port
+from ._etcd import ETCD_BINARY, _etcd_env, dead_endpoint, free_port
+from ._fakehttp import fake_server
 
 OPENSSL = shutil.which("openssl")
 
@@ -94,3 +101,85 @@ def test_tls_with_a_client_certificate(tls_etcd: tuple[str, Path]) -> None:
     with pytest.raises(EtcdUnavailable, match="(?i)certificate"):
         EtcdClient([url], ca=str(d / "other" / "ca.pem"), cert=str(d / "client.pem"),
                    key=str(d / "client.key"), timeout=5.0).status()
+
+
+# ---- https only, once TLS is asked for ------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoints", [
+    ["http://127.0.0.1:2379"],
+    ["https://127.0.0.1:2379", "http://10.0.0.2:2379"],
+    ["http://10.0.0.2:2379", "https://127.0.0.1:2379"],
+])
+@pytest.mark.parametrize("option", ["ca", "cert", "key"])
+def test_tls_files_with_an_http_endpoint_are_refused(endpoints: list[str], option: str) -> None:
+    # the check comes before the files are read: these need not exist
+    with pytest.raises(ValueError, match="is not https://, but TLS files are given") as info:
+        EtcdClient(endpoints, **{option: "/nonexistent/file.pem"})  # type: ignore[arg-type]
+    [http] = [e for e in endpoints if e.startswith("http:")]
+    assert repr(http) in str(info.value)
+
+
+@pytest.mark.parametrize("endpoints", [
+    ["https://127.0.0.1:2379", "http://10.0.0.2:2379"],
+    ["http://127.0.0.1:2379", "http://10.0.0.3:2379", "https://10.0.0.2:2379"],
+])
+def test_mixed_schemes_are_refused(endpoints: list[str]) -> None:
+    with pytest.raises(ValueError, match="all endpoints must use the same scheme") as info:
+        EtcdClient(endpoints)
+    assert repr(endpoints[0]) in str(info.value) and repr(endpoints[-1]) in str(info.value)
+
+
+def test_an_https_client_never_falls_over_to_plaintext() -> None:
+    """The second endpoint is a plain HTTP server under an https:// URL:
+    it gets a TLS handshake, never a request it could read."""
+    with dead_endpoint() as dead, fake_server({}) as plain:
+        tls_dead = dead.replace("http://", "https://")
+        tls_plain = plain.url.replace("http://", "https://")
+        client = EtcdClient([tls_dead, tls_plain], timeout=2.0)
+        with pytest.raises(EtcdUnavailable, match="no etcd endpoint answered"):
+            client.status()
+        with pytest.raises(EtcdUnavailable, match="no etcd endpoint answered"):
+            client.watch(b"/p/", 1)
+    assert len(plain.peers) == 2
+    for peer in plain.peers:
+        assert peer.path == "" and peer.received[:1] == b"\x16"  # a TLS handshake record
+
+
+def _etcd_config(tmp_path: Path, *args: str) -> list[str]:
+    return ["--name", "tlscheck", "--socket", str(tmp_path / "d.sock"), "--source", "etcd",
+            "--etcd-prefix", "/app/", *args]
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in list(os.environ):
+        if variable.startswith("SHMCACHED_"):
+            monkeypatch.delenv(variable)
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_the_daemon_configuration_refuses_tls_with_http(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("unused: refused before it is read\n")
+    args = _etcd_config(tmp_path, "--etcd-endpoints", "https://10.0.0.1:2379,http://10.0.0.2:2379", "--etcd-ca", str(ca))
+    with pytest.raises(ConfigError, match="all endpoints must use the same scheme"):
+        parse(args)
+    args = _etcd_config(tmp_path, "--etcd-endpoints", "http://10.0.0.2:2379", "--etcd-ca", str(ca))
+    with pytest.raises(ConfigError, match="'http://10.0.0.2:2379' is not https://, but TLS files are given"):
+        parse(args)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shmcached: error: --etcd-ca/--etcd-cert/--etcd-key: ") and "http://10.0.0.2:2379" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_the_daemon_configuration_takes_https_with_tls_files(tmp_path: Path) -> None:
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed")
+    _certificates(tmp_path)
+    config = parse(_etcd_config(tmp_path, "--etcd-endpoints", "https://10.0.0.1:2379,https://10.0.0.2:2379",
+                                "--etcd-ca", str(tmp_path / "ca.pem"), "--etcd-cert", str(tmp_path / "client.pem"),
+                                "--etcd-key", str(tmp_path / "client.key")))
+    assert config.etcd_endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
