@@ -17,14 +17,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmcache._layout import Geometry, check_name
-from shmcache._producer import default_socket_path
 from shmcache.exceptions import InvalidSize
 
-__all__ = ["Config", "ConfigError", "parse"]
+__all__ = ["Config", "ConfigError", "default_socket_path", "parse"]
 
 
 class ConfigError(Exception):
     """A bad option value; the message names the option."""
+
+
+def default_socket_path(name: str) -> str | None:
+    """Where the daemon of cache ``name`` listens unless told otherwise:
+    ``$RUNTIME_DIRECTORY/NAME.sock`` (systemd's RuntimeDirectory=), else
+    ``$XDG_RUNTIME_DIR/shmcache.NAME.sock``; None without either (no guess
+    in a directory that others may write)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, f"{name}.sock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, f"shmcache.{name}.sock") if xdg else None
 
 
 def _positive_int(text: Any) -> int:
@@ -251,8 +262,6 @@ def parse(argv: list[str] | None = None) -> Config:
             values[key] = opt.parse(raw)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{source}: {raw!r} {err}") from None
-    if values["socket"] is None:
-        values["socket"] = default_socket_path(values["name"])
     if values["allow_uid"] is None:
         values["allow_uid"] = tuple(sorted({os.getuid(), 0}))
     if values["allow_gid"] is None:
@@ -273,6 +282,13 @@ def parse(argv: list[str] | None = None) -> Config:
                        key=values["etcd_key"])
         except (OSError, ValueError) as err:
             raise ConfigError(f"--etcd-ca/--etcd-cert/--etcd-key: {err}") from None
+    if values["socket"] is None:  # after the other checks: they name what was given
+        values["socket"] = default_socket_path(values["name"])
+        if values["socket"] is None:
+            raise ConfigError(
+                "--socket: neither RUNTIME_DIRECTORY (systemd's RuntimeDirectory=) nor XDG_RUNTIME_DIR "
+                "is set, and a guessed path in a directory others may write (such as /tmp) could be "
+                "taken by anyone: pass --socket PATH, in a directory only the daemon's user can write")
     if len(values["socket"].encode()) > 107:
         raise ConfigError(f"--socket: {values['socket']!r} is longer than a Unix socket path may be")
     return Config(**values)

@@ -21,9 +21,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from shmcache import CacheExists, ShmCacheError, Writer
+from shmcache import CacheExists, CacheNotTrusted, ShmCacheError, Writer
 from shmcache import _protocol as proto
-from shmcache._layout import sem_name, shm_name
 
 from ._config import Config
 from ._etcd import EtcdClient
@@ -50,6 +49,20 @@ class Client:
     partial_since: float | None = None  # when an incomplete frame started waiting
     closing: bool = False  # close once outbuf is sent
     events: int = selectors.EVENT_READ  # what the selector watches for now
+
+
+def _check_socket_directory(path: str) -> None:
+    """OSError unless the directory of ``path`` is owned by this uid or root
+    and writable by no one else."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: its directory {directory}: {err.strerror}") from err
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise OSError(errno.EPERM, f"the socket's directory {directory} (owner uid {st.st_uid}, mode "
+                                   f"{stat.S_IMODE(st.st_mode):04o}) may be written by others, who could "
+                                   f"take the socket's path: use a directory only this user can write")
 
 
 class Daemon:
@@ -92,17 +105,14 @@ class Daemon:
         try:
             self.writer = Writer(c.name, capacity=c.capacity, arena_bytes=c.arena_bytes,
                                  max_keys=c.max_keys, store_bytes=c.store_bytes, mode=c.mode,
-                                 lock_timeout=c.lock_timeout)
-        except CacheExists as err:
+                                 group=c.group, lock_timeout=c.lock_timeout)
+        except (CacheExists, CacheNotTrusted) as err:  # a live owner; another user holds the name
             log.error("%s", err)
             return 1
         except (OSError, ShmCacheError) as err:  # no room in /dev/shm, no permission, ...
             log.error("cannot create cache %r: %s", c.name, err)
             return 1
         try:
-            if c.group is not None:
-                for posix_name in (shm_name(c.name), "/sem." + sem_name(c.name)[1:]):
-                    os.chown("/dev/shm" + posix_name, -1, c.group)
             self.listener = self._listen()
         except (OSError, ShmCacheError) as err:
             log.error("cannot serve cache %r: %s", c.name, err)
@@ -133,10 +143,18 @@ class Daemon:
         self.stop_signal = signum
 
     def _listen(self) -> socket.socket:
+        """Listen on the configured path.  Its directory must be writable by
+        nobody but this uid (or root): in one that others may write, anyone
+        could take the path first, or swap the socket for their own.  The
+        socket file is made 0600 by bind (umask), then given its group, then
+        its mode: no moment exists at which a process outside the group may
+        connect."""
         path = self.config.socket
+        _check_socket_directory(path)
         if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket of ours; not replacing it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
@@ -148,10 +166,16 @@ class Daemon:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
-            os.chmod(path, self.config.socket_mode)
+            umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(umask)
+            # the directory is ours alone, so the path stays our socket; no
+            # symlink is followed all the same
             if self.config.group is not None:
-                os.chown(path, -1, self.config.group)
+                os.chown(path, -1, self.config.group, follow_symlinks=False)
+            os.chmod(path, self.config.socket_mode)
             sock.listen(128)
         except OSError as err:
             sock.close()

@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <semaphore.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
 
@@ -768,16 +769,20 @@ static int claim_pause_fd = -1;
 
 void sc_test_set_claim_pause_fd(int fd) { claim_pause_fd = fd; }
 
-void *sc_sem_open(const char *name)
+size_t sc_sem_bytes(void) { return sizeof(sem_t); }
+
+void *sc_sem_map(int fd)
 {
-    sem_t *sem = sem_open(name, 0);
-    return sem == SEM_FAILED ? NULL : (void *)sem;
+    void *sem = mmap(NULL, sizeof(sem_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return sem == MAP_FAILED ? NULL : sem;
 }
+
+int sc_sem_init(void *sem) { return sem_init((sem_t *)sem, 1, 1) == 0 ? 0 : errno; }
 
 void sc_sem_close(void *sem)
 {
     if (sem)
-        sem_close((sem_t *)sem);
+        munmap(sem, sizeof(sem_t));
 }
 
 int sc_sem_post(void *sem) { return sem_post((sem_t *)sem) == 0 ? 0 : errno; }

@@ -167,7 +167,7 @@ struct sc_lock_state {
     uint32_t repair_pending;    /* claimed with op_state not idle, not repaired yet */
     uint32_t must_notify;       /* wake the watchers at release (a repair happened) */
     uint32_t reserved;
-    void *sem;                  /* the writers' semaphore (sc_sem_open) */
+    void *sem;                  /* the writers' semaphore (sc_sem_map) */
 };
 
 /* one change of a batch for sc_put_many: key_len key bytes, then (unless
@@ -247,8 +247,16 @@ int sc_batch_check(struct sc_layout *L, const uint8_t *blob, uint64_t blob_len,
 #define SC_LOCK_VOID 4          /* passed the semaphore, but the word is held: a surplus count absorbed */
 #define SC_LOCK_ERROR 5         /* sem_wait failed otherwise (errno) */
 
-/* the named semaphore as a sem_t * (NULL and errno on failure) */
-void *sc_sem_open(const char *name);
+/* The writers' semaphore lives in a file of /dev/shm in the layout glibc's
+ * sem_open uses (the file's whole content is one process-shared sem_t), but
+ * shmcache opens that file itself (O_NOFOLLOW, owner checked on the
+ * descriptor: _entries.py), so the semaphore it waits on is the file it
+ * checked.  sc_sem_bytes: the file's size.  sc_sem_map: map it from fd
+ * (NULL and errno on failure); sc_sem_init: make a new file's semaphore
+ * (process-shared, count 1; 0 or errno); sc_sem_close: unmap. */
+size_t sc_sem_bytes(void);
+void *sc_sem_map(int fd);
+int sc_sem_init(void *sem);
 void sc_sem_close(void *sem);
 int sc_sem_post(void *sem);
 /* Wait for the semaphore, then claim the lock word with one 16-byte CAS from

@@ -6,7 +6,7 @@ bounded ring; readers map the segment read-only and, without any lock,
 """
 
 from ._events import Event, EventType, Item, Snapshot
-from ._producer import Producer, default_socket_path
+from ._producer import Producer
 from ._reader import Interval, RawBatch, Reader
 from ._writer import Writer
 from .exceptions import (
@@ -15,9 +15,11 @@ from .exceptions import (
     CacheExists,
     CacheFull,
     CacheNotFound,
+    CacheNotTrusted,
     DaemonUnavailable,
     InvalidKey,
     InvalidName,
+    InvalidOwner,
     InvalidResourceVersion,
     InvalidSize,
     LockTimeout,
@@ -34,12 +36,14 @@ __all__ = [
     "CacheExists",
     "CacheFull",
     "CacheNotFound",
+    "CacheNotTrusted",
     "DaemonUnavailable",
     "Event",
     "EventType",
     "Interval",
     "InvalidKey",
     "InvalidName",
+    "InvalidOwner",
     "InvalidResourceVersion",
     "InvalidSize",
     "Item",
@@ -54,7 +58,6 @@ __all__ = [
     "Snapshot",
     "ValueTooLarge",
     "Writer",
-    "default_socket_path",
 ]
 
 __version__ = "0.1.0"

@@ -27,10 +27,11 @@ from typing import Any, TextIO
 import psutil
 
 from ._events import Event, Item
-from ._layout import sem_name, shm_name
+from ._entries import segment_path, semaphore_path
 from ._owner import Liveness, ProcessIdentity, judge
 from ._producer import Producer
 from ._reader import Reader, _encode_prefix
+from ._trust import OwnerSpec, trusted_owners
 from ._writer import Writer, encode_key
 from .exceptions import (
     CacheClosed,
@@ -213,12 +214,12 @@ def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 @contextmanager
 def _writer(args: argparse.Namespace) -> Iterator[Writer | Producer]:
     if args.direct:
-        target: Writer | Producer = Writer(args.name, create=False)
+        target: Writer | Producer = Writer(args.name, create=False, owner=args.owner)
     elif args.socket:
         path = args.socket if "/" in args.socket else os.path.join(".", args.socket)
-        target = Producer(path)
+        target = Producer(path, owner=args.owner)
     else:
-        target = Producer(args.name)
+        target = Producer(args.name, owner=args.owner)
     try:
         yield target
     finally:
@@ -268,7 +269,7 @@ def _print_items(items: list[Item]) -> None:
 def cmd_get(args: argparse.Namespace) -> int:
     key: str = args.key
     encode_key(key)
-    with Reader(args.name) as reader:
+    with Reader(args.name, owner=args.owner) as reader:
         item = reader.get(key)
     if item is None:
         raise Failure(f"key not found: {key}", EXIT_NOT_FOUND)
@@ -285,7 +286,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     _encode_prefix(args.prefix)
-    with Reader(args.name) as reader:
+    with Reader(args.name, owner=args.owner) as reader:
         snapshot = reader.list(args.prefix)
     if args.output == "json":
         print(_dumps({"rv": snapshot.rv, "items": [_item_json(i) for i in snapshot.items]}))
@@ -303,7 +304,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     json_out = args.output == "json"
     write = sys.stdout.write
     try:
-        with Reader(args.name) as reader:
+        with Reader(args.name, owner=args.owner) as reader:
             while True:
                 try:
                     for event in reader.watch(since, prefix=args.prefix, timeout=args.timeout):
@@ -329,12 +330,12 @@ def mapping_processes(name: str) -> tuple[list[dict[str, Any]], int]:
     [{"pid", "name", "mode": "ro"|"rw", "mappings"}], and how many processes
     could not be inspected (another user's, without privileges)."""
     try:
-        st = os.stat("/dev/shm" + shm_name(name))
+        st = os.stat(segment_path(name))
     except FileNotFoundError:
         return [], 0
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}".encode()
     inode = str(st.st_ino).encode()
-    needle = ("/dev/shm" + shm_name(name)).encode()
+    needle = (segment_path(name)).encode()
     found: list[dict[str, Any]] = []
     uninspected = 0
     me = os.getpid()
@@ -368,9 +369,10 @@ def mapping_processes(name: str) -> tuple[list[dict[str, Any]], int]:
     return found, uninspected
 
 
-def status_of(name: str) -> dict[str, Any]:
-    """Everything ``shmcache status`` reports, as one JSON-ready dict."""
-    with Reader(name) as reader:
+def status_of(name: str, trust: OwnerSpec | None = None) -> dict[str, Any]:
+    """Everything ``shmcache status`` reports, as one JSON-ready dict; only
+    from a segment of an owner ``trust`` names (CacheNotTrusted otherwise)."""
+    with Reader(name, owner=trust) as reader:
         h: Any = reader.header_copy()
         g = reader.geometry
         rv = reader.resource_version
@@ -390,7 +392,7 @@ def status_of(name: str) -> dict[str, Any]:
         heartbeat = reader.heartbeat_age
         status: dict[str, Any] = {
             "name": name,
-            "path": "/dev/shm" + shm_name(name),
+            "path": segment_path(name),
             "epoch": f"{int(h.epoch):016x}",
             "created": int(h.created_ms) / 1000,
             "owner": {
@@ -411,20 +413,20 @@ def status_of(name: str) -> dict[str, Any]:
             "events_written": int(h.events_written),
             "events_evicted": int(h.events_evicted),
         }
-    status["upstream"] = _upstream_of(status["socket"])
+    status["upstream"] = _upstream_of(status["socket"], trust)
     processes, uninspected = mapping_processes(name)
     status["processes"] = processes
     status["uninspected_processes"] = uninspected
     return status
 
 
-def _upstream_of(socket_path: str | None) -> dict[str, Any] | None:
+def _upstream_of(socket_path: str | None, owner: OwnerSpec | None) -> dict[str, Any] | None:
     """The daemon's upstream state (an etcd source), from its STATS; None if
-    it has none or cannot be asked (no daemon, no permission)."""
+    it has none or cannot be asked (no daemon, no permission, not trusted)."""
     if not socket_path:
         return None
     try:
-        with Producer(socket_path, timeout=2.0) as p:
+        with Producer(socket_path, timeout=2.0, owner=owner) as p:
             upstream: dict[str, Any] | None = p.stats().get("upstream")
     except (ShmCacheError, OSError, ValueError):
         return None
@@ -454,7 +456,7 @@ def _upstream_text(up: dict[str, Any]) -> str:
 def _print_status(s: dict[str, Any]) -> None:
     owner = s["owner"]
     created = datetime.fromtimestamp(s["created"], UTC).astimezone()
-    who = f"pid {owner['pid']}" + (f" ({owner['name']})" if owner["name"] else "")
+    who = f"pid {owner['pid']}" + (f" ({show_key(owner['name'])})" if owner["name"] else "")
     beat = s["heartbeat_age"]
     ring, store = s["ring"], s["store"]
     lines = [
@@ -463,7 +465,7 @@ def _print_status(s: dict[str, Any]) -> None:
         ("created", created.isoformat(timespec="seconds")),
         ("owner", f"{who}, {owner['liveness']}" + (f" ({owner['state']})" if owner["state"] else "")),
         ("heartbeat", "never (no daemon owns it)" if beat is None else f"{beat:.1f} s ago"),
-        ("socket", s["socket"] or "none"),
+        ("socket", show_key(s["socket"]) if s["socket"] else "none"),
         ("rv", f"{s['rv']} (oldest {s['oldest_rv']})"),
         ("ring", ", ".join((_fill(ring["events"], ring["capacity"], "events"),
                             _fill(ring["bytes"], ring["arena_bytes"], "bytes")))),
@@ -481,7 +483,7 @@ def _print_status(s: dict[str, Any]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = status_of(args.name)
+    status = status_of(args.name, args.owner)
     if args.output == "json":
         print(_dumps(status))
     else:
@@ -656,7 +658,7 @@ def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_0
         except subprocess.TimeoutExpired:
             daemon.kill()
             rc = daemon.wait(timeout=DEMO_WAIT)
-        left = [path for path in ("/dev/shm" + shm_name(name), "/dev/shm/sem." + sem_name(name)[1:], sock)
+        left = [path for path in (segment_path(name), semaphore_path(name), sock)
                 if os.path.exists(path)]
         if rc == 0 and not left:
             print("shmcached stopped on SIGTERM: exit status 0; segment, semaphore and socket removed")
@@ -699,6 +701,17 @@ def _rv(text: str) -> int:
 _rv.__name__ = "resource version"  # argparse's "invalid resource version value: 'x'"
 
 
+def _owners(text: str) -> list[str]:
+    owners = [part.strip() for part in text.split(",") if part.strip()]
+    if not owners:
+        raise ValueError(text)
+    trusted_owners(owners)  # a user that does not exist is a usage error
+    return owners
+
+
+_owners.__name__ = "owner"
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1e9:
@@ -723,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", metavar="NAME", default=default, help=name_help)
         p.add_argument("-o", "--output", choices=("human", "json"), default=default,
                        help="output format (default: human)")
+        p.add_argument("--owner", metavar="USER[,USER]", type=_owners, default=default,
+                       help="trust a cache (and a daemon) of these users besides root and "
+                            "yourself (default: $SHMCACHE_OWNER, else the shmcache user)")
 
     common(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -737,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
         how = p.add_mutually_exclusive_group()
         how.add_argument("--socket", metavar="PATH",
                          help="the daemon's producer socket (default: the one the cache's "
-                              "header records, else the daemon's default path)")
+                              "header records)")
         how.add_argument("--direct", action="store_true",
                          help="write the segment directly (a Writer), without the daemon; "
                               "needs write access to the segment and its semaphore")

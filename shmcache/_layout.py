@@ -3,8 +3,9 @@
 docs/design.md draws the layout; the C struct ``sc_header`` in
 native/shmcache.h is its single definition.  This module plans the geometry
 of a new segment, validates the geometry of an existing one (a reader trusts
-nothing it maps), and is the one place that turns OSErrors from opening and
-mapping into shmcache errors.
+nothing it maps), and maps segments; _entries.py opens and creates their
+files, and is the one place that turns OSErrors from opening them into
+shmcache errors.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import posix_ipc
-
+from ._entries import create_file, open_file, segment_path
 from ._native import ffi, lib
+from ._trust import TrustedOwners
 from .exceptions import CacheCorrupted, CacheNotFound, InvalidName, InvalidSize
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "check_name",
     "create_segment",
     "open_segment",
-    "sem_name",
-    "shm_name",
 ]
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
@@ -69,16 +68,6 @@ def check_name(name: object) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-def shm_name(name: str) -> str:
-    """The POSIX shared memory object of cache ``name`` (/dev/shm/shmcache.NAME)."""
-    return f"/shmcache.{name}"
-
-
-def sem_name(name: str) -> str:
-    """The writers' named semaphore of cache ``name`` (/dev/shm/sem.shmcache.NAME.lock)."""
-    return f"/shmcache.{name}.lock"
 
 
 def _align(n: int, to: int) -> int:
@@ -231,20 +220,6 @@ class Mapping:
         self._mm.close()
 
 
-def _open_fd(name: str, flags: int, mode: int, size: int, read_only: bool) -> int:
-    try:
-        shm = posix_ipc.SharedMemory(shm_name(name), flags, mode=mode, size=size,
-                                     read_only=read_only)
-    except posix_ipc.ExistentialError as err:
-        if flags & posix_ipc.O_EXCL:
-            raise FileExistsError(f"cache {name!r} exists") from err
-        raise CacheNotFound(f"no cache named {name!r} ({shm_name(name)})") from err
-    except posix_ipc.PermissionsError as err:
-        raise PermissionError(f"cache {name!r}: permission denied ({err})") from err
-    fd: int = shm.fd
-    return fd
-
-
 def _allocate(fd: int, name: str, size: int) -> None:
     """Back every page of the new segment now.  A tmpfs file is sparse: were
     its pages left to be allocated on first touch, a full /dev/shm (or a
@@ -260,14 +235,15 @@ def _allocate(fd: int, name: str, size: int) -> None:
                                  f"({err.strerror}); free space or choose a smaller geometry") from err
 
 
-def open_segment(name: str, *, writable: bool) -> Mapping:
+def open_segment(name: str, *, writable: bool, owners: TrustedOwners) -> Mapping:
     """Map the existing cache ``name``.
 
     CacheNotFound if it does not exist (or its creator has not finished
-    initialising it); CacheCorrupted if it is not a segment this library can
-    read safely.
+    initialising it); CacheNotTrusted if its file is not one of ``owners``'
+    that only they may write; CacheCorrupted if it is not a segment this
+    library can read safely.
     """
-    fd = _open_fd(name, 0, 0, 0, read_only=not writable)
+    fd = open_file(segment_path(name), name, writable=writable, owners=owners)
     try:
         size = os.fstat(fd).st_size
         if size < HEADER_BYTES:
@@ -286,21 +262,20 @@ def open_segment(name: str, *, writable: bool) -> Mapping:
         os.close(fd)
 
 
-def create_segment(name: str, geometry: Geometry, mode: int) -> Mapping:
+def create_segment(name: str, geometry: Geometry, *, mode: int, group: int | None) -> tuple[Mapping, int]:
     """Create cache ``name``'s segment exclusively (FileExistsError if the
-    name is taken) with an all-zero content; the caller initialises the
-    header and store-releases ``magic`` last."""
-    fd = _open_fd(name, posix_ipc.O_CREX, mode, 0, read_only=False)
+    name is taken by this uid, the owner error if by another) with an
+    all-zero content, every page allocated; (its mapping, its inode).  The
+    caller holds the name lock, initialises the header and store-releases
+    ``magic`` last."""
+    path = segment_path(name)
+    fd = create_file(path, name, mode=mode, group=group, size=0)
     try:
-        os.fchmod(fd, mode)  # the requested mode exactly, whatever the umask
         os.ftruncate(fd, geometry.total_bytes)
         _allocate(fd, name, geometry.total_bytes)
-        return Mapping(fd, geometry, writable=True)
+        return Mapping(fd, geometry, writable=True), os.fstat(fd).st_ino
     except BaseException:
-        try:
-            posix_ipc.unlink_shared_memory(shm_name(name))
-        except posix_ipc.ExistentialError:
-            pass
+        os.unlink(path)
         raise
     finally:
         os.close(fd)

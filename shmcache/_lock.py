@@ -76,17 +76,15 @@ class WriterLock:
     two bytecodes) never loses track of a held lock: ``release()`` in a
     ``finally`` always knows whether there is anything to release."""
 
-    def __init__(self, mapping: Mapping, sem_name: str, timeout: float) -> None:
+    def __init__(self, mapping: Mapping, sem: Any, timeout: float) -> None:
+        """``sem``: the cache's semaphore as _entries.py maps it; this lock
+        owns it from now on (``close`` unmaps it)."""
         self._map = mapping
         self._layout: Any = mapping.layout
         self._timeout = timeout
         self._state: Any = ffi.new("struct sc_lock_state *")
         #: for ``lib.sc_lock_release(layout, state)`` in a ``finally``
         self.state: Any = self._state
-        sem = lib.sc_sem_open(sem_name.encode())
-        if sem == ffi.NULL:
-            err = ffi.errno
-            raise OSError(err, f"cannot open the writers' semaphore {sem_name}: {os.strerror(err)}")
         self._state.sem = sem
         self._word = ffi.new("uint64_t[3]")
         self._pid = 0
@@ -137,7 +135,7 @@ class WriterLock:
         lib.sc_lock_release(self._layout, self._state)
 
     def close(self) -> None:
-        """Release if held, and close the semaphore handle."""
+        """Release if held, and unmap the semaphore."""
         self.release()
         lib.sc_sem_close(self._state.sem)
         self._state.sem = ffi.NULL

@@ -4,8 +4,8 @@ segment read-write (docs/protocol.md)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -14,62 +14,69 @@ from typing import Any
 from . import _protocol as proto
 from ._layout import check_name
 from ._reader import Reader
+from ._trust import OwnerSpec, TrustedOwners, trusted_owners
 from ._writer import ValueLike, _as_bytes, check_rv, encode_key
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
     CacheNotFound,
+    CacheNotTrusted,
     DaemonUnavailable,
     ProtocolError,
 )
 
-__all__ = ["Producer", "default_socket_path"]
+__all__ = ["Producer", "socket_path_of"]
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def default_socket_path(name: str) -> str:
-    """Where a daemon for cache ``name`` listens unless told otherwise:
-    ``$RUNTIME_DIRECTORY/NAME.sock`` (systemd's RuntimeDirectory=), else
-    ``$XDG_RUNTIME_DIR/shmcache.NAME.sock``, else ``/tmp/shmcache.NAME.sock``."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return os.path.join(runtime, f"{name}.sock")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg or "/tmp", f"shmcache.{name}.sock")
-
-
-def socket_path_of(name: str) -> tuple[str, str]:
-    """The socket the daemon owning ``name`` recorded in the segment's header,
-    else the default path with the reason the header did not tell."""
+def socket_path_of(name: str, owners: TrustedOwners) -> str:
+    """The socket the daemon owning cache ``name`` recorded in the segment's
+    header, read only from a segment ``owners`` trust (CacheNotTrusted
+    otherwise).  DaemonUnavailable if the header cannot be read here or
+    names no socket: a producer never guesses a path, since whoever listens
+    at a guessed one would receive its writes."""
+    hint = "; pass the daemon's socket path instead of the cache name"
     try:
-        with Reader(name) as reader:
+        with Reader(name, owner=owners.uids) as reader:
             recorded = reader.socket_path
-    except (CacheNotFound, CacheClosed, CacheCorrupted, PermissionError) as err:
-        return default_socket_path(name), f"the cache's header is not readable here: {err}"
-    if recorded:
-        return recorded, ""
-    return default_socket_path(name), "no daemon recorded a socket in the cache's header"
+    except (CacheNotFound, CacheClosed, CacheCorrupted) as err:
+        raise DaemonUnavailable(f"cannot find the daemon of cache {name!r}: {err}{hint}") from err
+    except CacheNotTrusted:
+        raise
+    except PermissionError as err:
+        raise DaemonUnavailable(f"cannot find the daemon of cache {name!r}: its segment is not "
+                                f"readable here ({err}){hint}") from err
+    if not recorded:
+        raise DaemonUnavailable(f"cache {name!r} has no daemon socket in its header "
+                                f"(it is not served by shmcached){hint}")
+    return recorded
 
 
 class Producer:
     """A connection to the daemon owning a cache.
 
-    ``name_or_path``: a cache name (the socket is found in the cache's header,
-    or at :func:`default_socket_path`) or a socket path (anything containing
-    ``/``).  Methods mirror :class:`Writer` and raise the same exceptions
-    (KeyError, CacheFull, InvalidKey, ValueTooLarge, InvalidResourceVersion,
-    LockTimeout, CacheClosed while the daemon shuts down); ProtocolError for
-    refusals no Writer makes, DaemonUnavailable when the daemon cannot be
+    ``name_or_path``: a cache name (the socket is the one the daemon recorded
+    in the cache's header) or a socket path (anything containing ``/``).
+    Before a byte is sent, the process listening there must run as a trusted
+    owner (SO_PEERCRED; ``owner``: whom to trust besides root and this uid,
+    as for :class:`Reader`), else CacheNotTrusted.  Methods mirror
+    :class:`Writer` and raise the same exceptions (KeyError, CacheFull,
+    InvalidKey, ValueTooLarge, InvalidResourceVersion, LockTimeout,
+    CacheClosed while the daemon shuts down); ProtocolError for refusals no
+    Writer makes, DaemonUnavailable when the daemon cannot be found or
     reached or the connection breaks (the request may then have been
     applied or not).  ``timeout`` bounds each request, in seconds.  Safe to
     share between threads (requests are serialised).
     """
 
-    def __init__(self, name_or_path: str = "default", *, timeout: float = 10.0) -> None:
-        guessed = ""
+    def __init__(self, name_or_path: str = "default", *, timeout: float = 10.0,
+                 owner: OwnerSpec | None = None) -> None:
+        owners = trusted_owners(owner)
         if "/" in name_or_path:
             self.path = name_or_path
         else:
-            self.path, guessed = socket_path_of(check_name(name_or_path))
+            self.path = socket_path_of(check_name(name_or_path), owners)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         deadline = time.monotonic() + timeout
@@ -92,8 +99,13 @@ class Producer:
                                         f"(the socket's mode and group decide who may produce)") from err
             except OSError as err:
                 sock.close()
-                hint = f" (the default path: {guessed}; pass the socket's path instead)" if guessed else ""
-                raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}{hint}") from err
+                raise DaemonUnavailable(f"no daemon at {self.path}: {err.strerror or err}") from err
+        try:
+            pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            owners.check_peer(uid, pid, self.path)
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
 
     # ---- requests ------------------------------------------------------

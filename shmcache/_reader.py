@@ -17,6 +17,7 @@ from . import _codec
 from ._events import Event, EventType, Item, Snapshot
 from ._layout import MAX_KEY_BYTES, check_name, open_segment
 from ._native import ffi, lib
+from ._trust import OwnerSpec, trusted_owners
 from ._writer import encode_key
 from .exceptions import (
     CacheClosed,
@@ -78,8 +79,11 @@ def _encode_prefix(prefix: object) -> bytes:
 class Reader:
     """Reads cache ``name`` through a read-only mapping.
 
-    CacheNotFound if there is no such cache; CacheCorrupted if the segment is
-    not one this library can read safely.  Every method raises CacheClosed
+    CacheNotFound if there is no such cache; CacheNotTrusted if its segment
+    belongs to a uid this process does not trust, or may be written by others
+    (``owner``: whom to trust besides root and this uid, see _trust.py; by
+    default ``$SHMCACHE_OWNER``, else the ``shmcache`` system user);
+    CacheCorrupted if the segment is not one this library can read safely.  Every method raises CacheClosed
     once the owner closed the cache (or replaced it with a newer segment), or
     after :meth:`close`.  A Reader is meant for one thread at a time, with
     one exception: :meth:`close` may come from any thread, and ends every
@@ -91,9 +95,9 @@ class Reader:
     is gone.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, owner: OwnerSpec | None = None) -> None:
         self.name = check_name(name)
-        self._map = open_segment(self.name, writable=False)
+        self._map = open_segment(self.name, writable=False, owners=trusted_owners(owner))
         m = self._map
         self.geometry = m.geometry
         self._layout: Any = m.layout

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import posix_ipc
-
 from . import _codec
+from ._entries import (
+    NameLock,
+    create_semaphore,
+    open_semaphore,
+    owner_error,
+    segment_path,
+    semaphore_path,
+    symlink_error,
+    unlink_if,
+)
 from ._layout import (
     LAYOUT_VERSION,
     MAGIC,
@@ -31,18 +39,17 @@ from ._layout import (
     check_name,
     create_segment,
     open_segment,
-    sem_name,
-    shm_name,
 )
 from ._lock import WriterLock
 from ._native import ffi, lib
 from ._owner import Liveness, ProcessIdentity, judge, me
+from ._trust import OwnerSpec, trusted_owners
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
     CacheExists,
     CacheFull,
-    CacheNotFound,
+    CacheNotTrusted,
     InvalidKey,
     InvalidResourceVersion,
     InvalidSize,
@@ -105,13 +112,18 @@ class Writer:
 
     ``create=True`` creates the segment (sizes fixed for its lifetime:
     ``capacity`` ring events, ``arena_bytes`` of ring payload, ``max_keys``
-    keys whose store records total at most ``store_bytes``) and makes this
-    writer its *creator*, the only one that unlinks it.  If the name exists
-    and its creator is alive → CacheExists; if the creator is dead, the stale
-    segment is closed (its readers get CacheClosed) and replaced.
-    ``create=False`` opens an existing cache read-write (CacheNotFound if
-    none).  ``lock_timeout`` (seconds) bounds the wait for a live holder of
-    the lock (LockTimeout).  A Writer is safe to share between threads.
+    keys whose store records total at most ``store_bytes``) and its
+    semaphore, with permission bits ``mode`` (no write bit for group or
+    others: readers refuse such a cache) and group ``group`` (a gid; default
+    the process's), and makes this writer their *creator*, the only one that
+    unlinks them.  If the name exists and its creator is alive →
+    CacheExists; if the creator is dead, the stale segment is closed (its
+    readers get CacheClosed) and replaced; if another user holds the name →
+    CacheNotTrusted naming that user.  ``create=False`` opens an existing
+    cache read-write (CacheNotFound if none; CacheNotTrusted unless its
+    segment and semaphore belong to a trusted owner, see _trust.py and
+    ``owner``).  ``lock_timeout`` (seconds) bounds the wait for a live holder
+    of the lock (LockTimeout).  A Writer is safe to share between threads.
     """
 
     def __init__(
@@ -124,6 +136,8 @@ class Writer:
         store_bytes: int = DEFAULT_STORE_BYTES,
         create: bool = True,
         mode: int = 0o640,
+        group: int | None = None,
+        owner: OwnerSpec | None = None,
         lock_timeout: float = 5.0,
     ) -> None:
         self.name = check_name(name)
@@ -131,26 +145,31 @@ class Writer:
             raise TypeError("lock_timeout must be a number of seconds")
         if not 0 < lock_timeout < 1e9:
             raise InvalidSize(f"lock_timeout={lock_timeout} must be > 0 seconds")
-        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise InvalidSize(f"mode={mode!r} must be permission bits, e.g. 0o640")
+        if mode & 0o022:
+            raise InvalidSize(f"mode={mode:#o} lets others than the owner write the cache, and readers "
+                              f"refuse such a segment: use e.g. 0o640 or 0o600")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+            raise TypeError(f"group must be a gid (int >= 0) or None, not {group!r}")
+        owners = trusted_owners(owner)
         self._thread_lock = threading.Lock()
         self._closed = False
+        self._lock_timeout = float(lock_timeout)
         self.is_creator = create
+        #: the inodes of the segment and semaphore this writer created (None: not the creator)
+        self._inodes: tuple[int, int] | None = None
         if create:
             geometry = Geometry.plan(capacity, arena_bytes, max_keys, store_bytes)
-            self._map, self._inode = self._create(geometry, mode, lock_timeout)
+            self._map, self._inodes, sem = self._create(geometry, mode, group)
         else:
-            self._map = open_segment(self.name, writable=True)
-            self._inode = 0
-        try:
-            self._lock = WriterLock(self._map, sem_name(self.name), float(lock_timeout))
-        except OSError as err:
-            if create:
-                _unlink_quietly(self.name)
-            self._map.close()
-            if err.errno == errno.ENOENT:
-                raise CacheNotFound(f"cache {name!r} has no writers' semaphore") from err
-            raise
+            self._map = open_segment(self.name, writable=True, owners=owners)
+            try:
+                sem = open_semaphore(self.name, owners)
+            except BaseException:
+                self._map.close()
+                raise
+        self._lock = WriterLock(self._map, sem, self._lock_timeout)
         self.geometry = self._map.geometry
         self._arena_bytes = self.geometry.arena_bytes
         self._max_record = self.geometry.max_record
@@ -161,34 +180,32 @@ class Writer:
 
     # ---- creation ------------------------------------------------------
 
-    def _create(self, geometry: Geometry, mode: int, timeout: float) -> tuple[Mapping, int]:
-        for _ in range(5):
-            try:
-                mapping = create_segment(self.name, geometry, mode)
-                break
-            except FileExistsError:
-                _retire_stale(self.name, timeout)
-        else:
-            raise CacheExists(f"cache {self.name!r} keeps being re-created by other processes")
+    def _create(self, geometry: Geometry, mode: int, group: int | None) -> tuple[Mapping, tuple[int, int], Any]:
+        """Under the name lock: retire a dead creator's entries, then create
+        the semaphore, then the segment (each 0600, then ``group``, then
+        ``mode``), the header's magic last.  (mapping, inodes, semaphore)."""
+        lock = NameLock(self.name, self._lock_timeout)
+        done = False
         try:
-            inode = os.stat(_dev_shm(shm_name(self.name))).st_ino
+            _retire_stale(self.name)
+            sem, sem_inode = create_semaphore(self.name, mode=mode, group=group)
             try:
-                posix_ipc.unlink_semaphore(sem_name(self.name))
-            except posix_ipc.ExistentialError:
-                pass
-            sem = posix_ipc.Semaphore(sem_name(self.name), posix_ipc.O_CREX, mode=mode,
-                                      initial_value=1)
-            sem.close()  # waited on and posted through the WriterLock's own handle
-            try:
-                os.chmod(_dev_shm("/sem." + sem_name(self.name)[1:]), mode)
-            except OSError:
-                pass  # not glibc's layout: the umask-filtered mode stands
-            _init_header(mapping, geometry)
-        except BaseException:
-            mapping.close()
-            _unlink_quietly(self.name)
-            raise
-        return mapping, inode
+                mapping, seg_inode = create_segment(self.name, geometry, mode=mode, group=group)
+                try:
+                    _init_header(mapping, geometry)
+                except BaseException:
+                    mapping.close()
+                    unlink_if(segment_path(self.name), seg_inode)
+                    raise
+            except BaseException:
+                lib.sc_sem_close(sem)
+                unlink_if(semaphore_path(self.name), sem_inode)
+                raise
+            done = True
+        finally:
+            # a failed creation leaves no name lock behind where no cache is
+            lock.release(remove=not done and not os.path.lexists(segment_path(self.name)))
+        return mapping, (seg_inode, sem_inode), sem
 
     # ---- properties ----------------------------------------------------
 
@@ -434,8 +451,8 @@ class Writer:
             if unlink:
                 self._h.closed = 1
                 lib.sc_notify(self._layout)
-                if self._still_mine():
-                    _unlink_quietly(self.name)
+                if self._inodes is not None:
+                    self._remove_entries(*self._inodes)
             self._lock.close()
             self._map.close()
 
@@ -455,13 +472,21 @@ class Writer:
         if self._closed:
             raise CacheClosed(f"writer of {self.name!r} is closed")
 
-    def _still_mine(self) -> bool:
-        if not self.is_creator:
-            return False
+    def _remove_entries(self, segment_inode: int, semaphore_inode: int) -> None:
+        """Unlink the segment and semaphore this writer created, if the name
+        still names them (a creator that judged us dead may have replaced
+        them), under the name lock; then the name lock file, if no segment
+        is left.  Without the name lock within the lock timeout, nothing is
+        removed: the next creator retires what is left."""
         try:
-            return os.stat(_dev_shm(shm_name(self.name))).st_ino == self._inode
-        except OSError:
-            return False
+            lock = NameLock(self.name, self._lock_timeout)
+        except (CacheExists, CacheNotTrusted, OSError):
+            return
+        try:
+            unlink_if(segment_path(self.name), segment_inode)
+            unlink_if(semaphore_path(self.name), semaphore_inode)
+        finally:
+            lock.release(remove=not os.path.lexists(segment_path(self.name)))
 
     def _check_value(self, raw: bytes, data: bytes) -> bytes:
         n = len(raw) + len(data)
@@ -548,21 +573,6 @@ class Writer:
 # ---- creation helpers ------------------------------------------------------
 
 
-def _dev_shm(posix_name: str) -> str:
-    return "/dev/shm/" + posix_name.lstrip("/")
-
-
-def _unlink_quietly(name: str) -> None:
-    for unlink, posix_name in (
-        (posix_ipc.unlink_shared_memory, shm_name(name)),
-        (posix_ipc.unlink_semaphore, sem_name(name)),
-    ):
-        try:
-            unlink(posix_name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
 def _init_header(mapping: Mapping, g: Geometry) -> None:
     h: Any = mapping.header
     ident = me()
@@ -590,66 +600,62 @@ def _init_header(mapping: Mapping, g: Geometry) -> None:
     lib.sc_store_release(mapping.field("magic"), MAGIC)
 
 
-def _retire_stale(name: str, timeout: float) -> None:
-    """The name exists: raise CacheExists if its creator lives, else close
-    and unlink the stale segment.  An exclusive flock on the old segment
-    serialises competing creators; each re-checks that the name still names
-    the segment it judged before unlinking."""
+def _retire_stale(name: str) -> None:
+    """Under the name lock, clear the way for a new segment of ``name``:
+    CacheExists if a live creator owns the one there; the owner error if
+    another user's entry is there; else close the stale segment (its
+    readers get CacheClosed) and unlink it and any semaphore left."""
+    path = segment_path(name)
     try:
-        shm = posix_ipc.SharedMemory(shm_name(name))
-    except posix_ipc.ExistentialError:
-        return  # gone meanwhile: just try to create again
-    except posix_ipc.PermissionsError as err:
-        raise PermissionError(f"cache {name!r} exists and is not ours to replace: {err}") from err
-    fd: int = shm.fd
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CacheExists(f"cache {name!r} is being replaced by another process") from None
-                time.sleep(0.005)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise symlink_error(path, name) from err
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise owner_error(path, name) from err
+        raise
+    if fd >= 0:
         try:
-            if os.stat(_dev_shm(shm_name(name))).st_ino != os.fstat(fd).st_ino:
-                return
-        except FileNotFoundError:
-            return
-        creator = _read_creator(fd, name, timeout)
-        verdict = judge(creator)
-        if verdict is not Liveness.DEAD:
-            where = " (in another PID namespace)" if verdict is Liveness.UNKNOWABLE else ""
-            raise CacheExists(f"cache {name!r} is owned by live pid {creator.pid}{where}")
-        _close_segment(fd)
-        _unlink_quietly(name)
-    finally:
-        os.close(fd)  # also drops the flock
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+                raise owner_error(path, name)
+            creator = _read_creator(fd, path)
+            verdict = judge(creator)
+            if verdict is not Liveness.DEAD:
+                where = " (in another PID namespace)" if verdict is Liveness.UNKNOWABLE else ""
+                raise CacheExists(f"cache {name!r} is owned by live pid {creator.pid}{where}")
+            _close_segment(fd)
+            unlink_if(path, st.st_ino)
+        finally:
+            os.close(fd)
+    sem = semaphore_path(name)
+    try:
+        if os.lstat(sem).st_uid != os.geteuid():
+            raise owner_error(sem, name)
+        os.unlink(sem)  # the dead creator's, or left by one that died before its segment
+    except FileNotFoundError:
+        pass
 
 
-def _read_creator(fd: int, name: str, timeout: float) -> ProcessIdentity:
-    deadline = time.monotonic() + timeout
-    while True:
-        size = os.fstat(fd).st_size
-        if size >= ffi.sizeof("struct sc_header"):
-            with mmap.mmap(fd, ffi.sizeof("struct sc_header"), prot=mmap.PROT_READ) as mm:
-                view = ffi.from_buffer("uint8_t[]", mm)
-                h: Any = ffi.cast("struct sc_header *", view)
-                magic = lib.sc_load_acquire(ffi.addressof(h[0], "magic"))
-                ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
-                                        int(h.creator_pidns), int(h.creator_boot))
-                ffi.release(view)
-            if magic not in (0, MAGIC):
-                raise CacheCorrupted(
-                    f"{_dev_shm(shm_name(name))} is not a shmcache segment; remove it by hand"
-                )
-            if ident.pid:
-                return ident
-        if time.monotonic() > deadline:
-            # never initialised: its creator died before writing a byte
-            return ProcessIdentity(0, 0, me().pidns, me().boot)
-        time.sleep(0.005)
+def _read_creator(fd: int, path: str) -> ProcessIdentity:
+    """The creator recorded in the segment's header.  The caller holds the
+    name lock, which its creator held until the header was complete: a
+    segment without a creator was left by one that died before writing it."""
+    if os.fstat(fd).st_size >= ffi.sizeof("struct sc_header"):
+        with mmap.mmap(fd, ffi.sizeof("struct sc_header"), prot=mmap.PROT_READ) as mm:
+            view = ffi.from_buffer("uint8_t[]", mm)
+            h: Any = ffi.cast("struct sc_header *", view)
+            magic = lib.sc_load_acquire(ffi.addressof(h[0], "magic"))
+            ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
+                                    int(h.creator_pidns), int(h.creator_boot))
+            ffi.release(view)
+        if magic not in (0, MAGIC):
+            raise CacheCorrupted(f"{path} is not a shmcache segment; remove it by hand")
+        if ident.pid:
+            return ident
+    return ProcessIdentity(0, 0, me().pidns, me().boot)
 
 
 def _close_segment(fd: int) -> None:

@@ -14,9 +14,11 @@ __all__ = [
     "CacheExists",
     "CacheFull",
     "CacheNotFound",
+    "CacheNotTrusted",
     "DaemonUnavailable",
     "InvalidKey",
     "InvalidName",
+    "InvalidOwner",
     "InvalidResourceVersion",
     "InvalidSize",
     "LockTimeout",
@@ -33,6 +35,22 @@ class ShmCacheError(Exception):
 
 class CacheNotFound(ShmCacheError):
     """No cache of that name exists (or it is still being created)."""
+
+
+class CacheNotTrusted(ShmCacheError, PermissionError):
+    """A cache's segment or semaphore belongs to a uid this process does not
+    trust, or may be written by others; or the process listening at a
+    daemon's socket runs as such a uid.  Nothing was read from it or sent to
+    it (docs/design.md, "Trust").  ``path`` is the file or socket,
+    ``owner_uid`` the uid found."""
+
+    def __init__(self, message: str, *, path: str = "", owner_uid: int = -1) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner_uid = owner_uid
+
+    def __str__(self) -> str:  # PermissionError's would print the args tuple
+        return str(self.args[0]) if self.args else ""
 
 
 class CacheExists(ShmCacheError):
@@ -115,6 +133,10 @@ class ProtocolError(ShmCacheError):
 
 class InvalidName(ShmCacheError, ValueError):
     """A cache name that cannot name a shared memory object."""
+
+
+class InvalidOwner(ShmCacheError, ValueError):
+    """An ``owner`` (or ``$SHMCACHE_OWNER``) naming no user, or a uid out of range."""
 
 
 class InvalidSize(ShmCacheError, ValueError):

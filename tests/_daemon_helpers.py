@@ -366,13 +366,18 @@ class NotifyListener:
 class LineChild:
     """``python -c code args`` whose stdout lines (JSON) arrive on a queue."""
 
-    def __init__(self, code: str, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, code: str, *args: str, env: Mapping[str, str] | None = None,
+                 held: bool = False) -> None:
+        """``held``: the child's stdin is a pipe that stays open until
+        :meth:`release` (a child that waits for its EOF waits until then);
+        otherwise /dev/null."""
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(helpers.REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *args], env=full_env, text=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if held else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._err: list[str] = []
@@ -419,8 +424,14 @@ class LineChild:
                 return got, msg
             got.append(msg)
 
+    def release(self) -> None:
+        """Close the held stdin: the child sees EOF."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
     def close(self, timeout: float = STOP_TIMEOUT) -> int:
         """Reap (killing it if it still runs after ``timeout``); the exit status."""
+        self.release()
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -441,8 +452,8 @@ class LineChild:
 
 
 @contextmanager
-def child(code: str, *args: str, env: Mapping[str, str] | None = None) -> Iterator[LineChild]:
-    c = LineChild(code, *args, env=env)
+def child(code: str, *args: str, env: Mapping[str, str] | None = None, held: bool = False) -> Iterator[LineChild]:
+    c = LineChild(code, *args, env=env, held=held)
     try:
         yield c
     finally:

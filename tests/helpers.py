@@ -10,8 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import posix_ipc
-
 _counter = itertools.count()
 
 #: The size knob of the stress-like tests: ``ci`` (default: the whole suite
@@ -41,16 +39,15 @@ def unique_name(tag: str = "t") -> str:
 
 
 def remove_cache(name: str) -> bool:
-    """Unlink whatever cache ``name`` left in /dev/shm; True if anything was there."""
+    """Unlink whatever cache ``name`` left in /dev/shm (segment, semaphore,
+    name lock); True if anything was there."""
     found = False
-    for unlink, posix_name in (
-        (posix_ipc.unlink_shared_memory, f"/shmcache.{name}"),
-        (posix_ipc.unlink_semaphore, f"/shmcache.{name}.lock"),
-    ):
+    for path in (f"/dev/shm/shmcache.{name}", f"/dev/shm/sem.shmcache.{name}.lock",
+                 f"/dev/shm/shmcache-lock.{name}"):
         try:
-            unlink(posix_name)
+            os.unlink(path)
             found = True
-        except posix_ipc.ExistentialError:
+        except FileNotFoundError:
             pass
     return found
 

@@ -215,9 +215,9 @@ def test_missing_cache_exits_3(name: str) -> None:
         result = cli("--name", name, *args)
         assert result.rc == 3, (args, result)
         assert name in result.err and result.err.startswith("shmcache: error:"), result.err
-    # no daemon: neither the header's socket nor the default one answers
+    # no cache, so no header naming a daemon's socket: no path is guessed
     result = cli("put", "k", "v", "--name", name)
-    assert result.rc == 3 and "no daemon" in result.err, result
+    assert result.rc == 3 and "cannot find the daemon" in result.err and ".sock" not in result.err, result
     result = cli("put", "k", "v", "--name", name, "--socket", "/nonexistent/dir/s.sock")
     assert result.rc == 3 and "/nonexistent/dir/s.sock" in result.err, result
 

@@ -328,7 +328,7 @@ def test_outsider_opens_nothing(name: str, tmp_path: Path, open_dir: Path, who: 
         ])
         v.denied(out, "read", "PermissionError", mentions=name)
         v.denied(out, "write", "PermissionError", mentions=name)
-        v.denied(out, "create", "PermissionError", mentions=name)
+        v.denied(out, "create", "CacheNotTrusted", mentions=name)
         v.denied(out, "open:segment:r", "PermissionError")
         v.denied(out, "open:semaphore:r", "PermissionError")
         v.denied(out, "lock", "PermissionsError")
@@ -415,7 +415,7 @@ def test_group_member_cannot_write_or_unlink(name: str, tmp_path: Path, open_dir
         v.allowed(out, "open:segment:r")
         v.allowed(out, "open:semaphore:r")
         v.denied(out, "write", "PermissionError", mentions=name)
-        v.denied(out, "create", "PermissionError", mentions=name)
+        v.denied(out, "create", "CacheNotTrusted", mentions=name)
         v.denied(out, "open:segment:rw", "PermissionError")
         v.denied(out, "open:semaphore:rw", "PermissionError")
         v.denied(out, "lock", "PermissionsError")
@@ -504,7 +504,8 @@ AS_OWNER = [sys.executable, "-c",
             "sys.exit(shmcached.main())"]
 
 
-def test_only_the_owner_writes_and_unlinks(name: str, tmp_path: Path, open_dir: Path, report: Report) -> None:
+def test_only_the_owner_writes_and_unlinks(name: str, tmp_path: Path, open_dir: Path, report: Report,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon runs as a service user (uid/gid OWNER, mode 0640): the
     segment is OWNER's.  Another process of that uid opens it read-write,
     takes the writers' semaphore and publishes (readers see it), and may
@@ -512,6 +513,7 @@ def test_only_the_owner_writes_and_unlinks(name: str, tmp_path: Path, open_dir: 
     refused all of that.  Then the owner's process unlinks segment and
     semaphore, the member having failed to; the daemon still stops cleanly."""
     os.chown(open_dir, OWNER, OWNER)  # the service's runtime directory
+    monkeypatch.setenv("SHMCACHE_OWNER", str(OWNER))  # this process and its children trust the service user
     sock = str(open_dir / "d.sock")
     member = Identity("owner-group", 40124, 40124, (OWNER,))
     v = Verdicts()
