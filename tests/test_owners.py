@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from shmcache import CacheCorrupted, CacheNotTrusted, InvalidOwner, InvalidSize, Reader, Writer
+from shmcache import (
+    CacheCorrupted,
+    CacheNotTrusted,
+    InvalidOwner,
+    InvalidSize,
+    Reader,
+    Writer,
+)
 from shmcache._cli import main as cli_main
 from shmcache._entries import name_lock_path as lock
 from shmcache._entries import segment_path as seg

@@ -42,10 +42,28 @@ import pytest
 
 from shmcache import CacheClosed, CacheNotTrusted, DaemonUnavailable, Producer, Reader
 
-from .._daemon_helpers import START_TIMEOUT, Daemon, LineChild, child, daemon_env, running, wait_for
+from .._daemon_helpers import (
+    START_TIMEOUT,
+    Daemon,
+    LineChild,
+    child,
+    daemon_env,
+    running,
+    wait_for,
+)
 from .._report import Report
 from ..test_daemon import open_dir  # noqa: F401, F811  (the fixture: a socket directory anybody may traverse)
-from .test_access import ACTOR, GROUP, MEMBER_SUPPLEMENTARY, OWNER, STRANGER, Identity, Verdicts, act, check_ids
+from .test_access import (
+    ACTOR,
+    GROUP,
+    MEMBER_SUPPLEMENTARY,
+    OWNER,
+    STRANGER,
+    Identity,
+    Verdicts,
+    act,
+    check_ids,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root to become other uids and gids in child processes")
