@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmcache._layout import Geometry, check_name
+from shmcache._writer import MAX_RV
 from shmcache.exceptions import InvalidSize
 
 __all__ = ["Config", "ConfigError", "default_socket_path", "parse"]
@@ -58,6 +59,33 @@ def _mode(text: Any) -> int:
     value = int(text, 8) if isinstance(text, str) else int(text)
     if not 0 <= value <= 0o777:
         raise ValueError("must be permission bits such as 0640")
+    return value
+
+
+def _segment_mode(text: Any) -> int:
+    # Only the owner may ever write the segment and take the writers'
+    # semaphore: readers refuse a segment that others could write.
+    value = _mode(text)
+    if value & 0o022:
+        raise ValueError("gives write access to others than the owner (group or world write bit); "
+                         "use a mode such as 0640")
+    return value
+
+
+def _socket_mode(text: Any) -> int:
+    # Connecting needs write permission on the socket: o+w would let every
+    # local user reach the daemon; a group-writable socket is how a group gets in.
+    value = _mode(text)
+    if value & 0o002:
+        raise ValueError("lets every local user connect (world write bit); "
+                         "use a mode such as 0660 and --group")
+    return value
+
+
+def _rv_jump(text: Any) -> int:
+    value = _positive_int(text)
+    if value > MAX_RV:
+        raise ValueError(f"must be at most {MAX_RV}")
     return value
 
 
@@ -143,14 +171,24 @@ OPTIONS = [
     Option("arena-bytes", 16 << 20, _positive_int, "ring payload arena, in bytes"),
     Option("max-keys", 65536, _positive_int, "store capacity, in keys"),
     Option("store-bytes", 64 << 20, _positive_int, "store capacity, in record bytes (the heap is twice that)"),
-    Option("mode", 0o640, _mode, "permission bits of the segment and semaphore, octal"),
+    Option("mode", 0o640, _segment_mode,
+           "permission bits of the segment and semaphore, octal; no group or world write bit"),
     Option("group", None, _group, "group owning the segment, semaphore and socket (default: the daemon's)"),
     Option("socket", None, str, "producer socket path (default: derived from the name, see README)"),
-    Option("socket-mode", 0o660, _mode, "permission bits of the producer socket, octal"),
-    Option("allow-uid", None, _ids, "uids allowed to produce, comma-separated (default: the daemon's uid and 0)"),
-    Option("allow-gid", None, _ids, "gids allowed to produce, comma-separated (default: the daemon's gid)"),
+    Option("socket-mode", 0o660, _socket_mode, "permission bits of the producer socket, octal; no world write bit"),
+    Option("allow-uid", None, _ids, "more uids allowed to produce, comma-separated (default: none; root and "
+           "the daemon's uid always may)"),
+    Option("allow-gid", None, _ids, "gids whose members (primary or supplementary) may produce, "
+           "comma-separated (default: none)"),
+    Option("allow-rv-uid", None, _ids, "more uids whose writes may carry an explicit resource version, "
+           "comma-separated (default: none; root and the daemon's uid always may)"),
+    Option("max-rv-jump", 1 << 40, _rv_jump, "how far past the current resource version an explicit one may be"),
     Option("max-frame-bytes", 17 << 20, _positive_int, "largest request frame, in bytes"),
+    Option("max-buffered-bytes", 64 << 20, _positive_int,
+           "frames larger than 32 KiB wait until their size fits in this many bytes, all producers together"),
     Option("max-clients", 1024, _positive_int, "producer connections served at once"),
+    Option("max-clients-per-uid", 64, _positive_int,
+           "producer connections of one uid at once (root and the daemon's uid: only max-clients)"),
     Option("client-timeout", 30.0, _seconds, "a client that stalls mid-frame this long is dropped, in seconds"),
     Option("lock-timeout", 5.0, _seconds, "wait for a live holder of the writers' lock, in seconds"),
     Option("heartbeat", 1.0, _seconds, "heartbeat and status interval, in seconds"),
@@ -179,8 +217,12 @@ class Config:
     socket_mode: int
     allow_uid: tuple[int, ...]
     allow_gid: tuple[int, ...]
+    allow_rv_uid: tuple[int, ...]
+    max_rv_jump: int
     max_frame_bytes: int
+    max_buffered_bytes: int
     max_clients: int
+    max_clients_per_uid: int
     client_timeout: float
     lock_timeout: float
     heartbeat: float
@@ -215,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = opt.default
         if default is None:
             text = opt.help  # the help says how the default is computed
-        elif opt.parse is _mode:
+        elif opt.parse in (_mode, _segment_mode, _socket_mode):
             text = f"{opt.help} (default: {default:04o})"
         else:
             text = f"{opt.help} (default: {default})"
@@ -262,10 +304,12 @@ def parse(argv: list[str] | None = None) -> Config:
             values[key] = opt.parse(raw)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{source}: {raw!r} {err}") from None
-    if values["allow_uid"] is None:
-        values["allow_uid"] = tuple(sorted({os.getuid(), 0}))
-    if values["allow_gid"] is None:
-        values["allow_gid"] = (os.getgid(),)
+    for key in ("allow_uid", "allow_gid", "allow_rv_uid"):
+        if values[key] is None:  # least privilege: root and the daemon's uid are allowed in the server
+            values[key] = ()
+    if values["max_frame_bytes"] > values["max_buffered_bytes"]:
+        raise ConfigError(f"--max-buffered-bytes: {values['max_buffered_bytes']} is less than --max-frame-bytes "
+                          f"{values['max_frame_bytes']}: a frame that large could never be admitted")
     try:  # the sizes together, as the cache will check them
         Geometry.plan(values["capacity"], values["arena_bytes"], values["max_keys"], values["store_bytes"])
     except InvalidSize as err:

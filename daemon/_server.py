@@ -34,21 +34,44 @@ __all__ = ["Daemon"]
 log = logging.getLogger("shmcached")
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-READ_CHUNK = 1 << 18
-PAUSE_READING_AT = 1 << 20  # reply bytes queued for a client that does not read them
+#: Linux >= 4.13; the socket module of Python 3.11 does not name it
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: CPython's getsockopt() takes at most 1,024 bytes: 256 supplementary groups
+PEERGROUPS_BYTES = 1024
 DRAIN_SECONDS = 2.0  # at shutdown, how long clients get to collect their replies
 
+# The memory bound of docs/protocol.md ("Limits") is made of these: a
+# connection buffers at most CLIENT_ALLOWANCE bytes of input of its own, a
+# frame larger than that is buffered only once its size is reserved from
+# --max-buffered-bytes, and no further frame of a connection is applied while
+# REPLY_HIGH_WATER bytes of its replies are unsent (so a connection holds at
+# most that plus one reply, whose error text is cut at MAX_ERROR_TEXT).
+CLIENT_ALLOWANCE = 32 << 10
+REPLY_HIGH_WATER = 16 << 10
+MAX_ERROR_TEXT = 2048
+#: per connection in the documented bound: the two above, one reply, and the
+#: connection's own objects and allocator slack
+CLIENT_BOUND = 64 << 10
 
-@dataclass
+
+@dataclass(eq=False)
 class Client:
     sock: socket.socket
     pid: int
     uid: int
-    inbuf: bytearray = field(default_factory=bytearray)
+    may_choose_rv: bool = False  # --allow-rv-uid, root or the daemon's uid
+    inbuf: bytearray = field(default_factory=bytearray)  # at most CLIENT_ALLOWANCE bytes
     outbuf: bytearray = field(default_factory=bytearray)
-    partial_since: float | None = None  # when an incomplete frame started waiting
-    closing: bool = False  # close once outbuf is sent
-    events: int = selectors.EVENT_READ  # what the selector watches for now
+    # A frame over CLIENT_ALLOWANCE: its payload, received straight into a
+    # buffer of exactly its size once the size is reserved (inbuf is empty
+    # meanwhile), and how much of it has arrived.
+    large: bytearray | None = None
+    large_filled: int = 0
+    reserved: int = 0  # bytes of --max-buffered-bytes held for ``large``
+    wants: int = 0  # while waiting for the budget: the payload size to reserve
+    partial_since: float | None = None  # since when an incomplete frame waits while we read it
+    closing: bool = False  # apply nothing more, close once outbuf is sent (protocol error, end of stream)
+    events: int = selectors.EVENT_READ  # what the selector watches for now (0: unregistered)
 
 
 def _check_socket_directory(path: str) -> None:
@@ -79,6 +102,18 @@ class Daemon:
         self._rate_mark = (time.monotonic(), 0)
         self.events_per_s = 0.0
         self.upstream: Upstream | None = None  # the etcd source's thread, if any
+        # Root and the daemon's own uid could write the segment directly:
+        # they always produce, choose RVs, and are not held to a uid's share
+        # of the connections.
+        self.trusted_uids = frozenset({0, os.geteuid()})
+        self.rv_uids = self.trusted_uids | set(config.allow_rv_uid)
+        self.uid_clients: dict[int, int] = {}  # connections per uid
+        self.uid_refused: set[int] = set()  # uids at --max-clients-per-uid: logged once per episode
+        self.reserved = 0  # bytes of --max-buffered-bytes held by large frames
+        self.uid_reserved: dict[int, int] = {}
+        self.waiting: dict[Client, None] = {}  # clients paused until their frame's size fits, oldest first
+        self.stopping = False  # shutting down: no more reading, buffered frames still answered
+        self.peergroups = True  # False once the kernel turned SO_PEERGROUPS down (Linux < 4.13)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -195,15 +230,17 @@ class Daemon:
                 os.unlink(self.config.socket)
         except OSError as err:
             log.warning("cannot remove %s: %s", self.config.socket, err)
+        # Complete frames already received are applied and answered, a reply
+        # high-water mark's worth at a time, as the clients read.
+        self.stopping = True
         for client in list(self.clients.values()):
-            self._process(client)  # complete frames already received are applied and answered
-            client.closing = True
+            self._pump(client)
         deadline = time.monotonic() + DRAIN_SECONDS
         while any(c.outbuf for c in self.clients.values()) and time.monotonic() < deadline:
             for key, mask in self.selector.select(0.05):
                 pending = self.clients.get(key.fd) if key.data == "client" else None
                 if pending is not None and mask & selectors.EVENT_WRITE:
-                    self._flush(pending)
+                    self._pump(pending)
         for client in list(self.clients.values()):
             self._drop(client, "shutdown")
         if self.upstream is not None:
@@ -246,7 +283,7 @@ class Daemon:
                     if mask & selectors.EVENT_READ:
                         self._receive(client)
                     if mask & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
-                        self._flush(client)
+                        self._pump(client)
 
     def _accept(self) -> None:
         while True:
@@ -260,10 +297,12 @@ class Daemon:
             self.accept_failing = False
             sock.setblocking(False)
             pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            client = Client(sock, pid, uid)
-            if not self._allowed(pid, uid, gid):
+            groups = self._peer_groups(sock, pid)
+            client = Client(sock, pid, uid, may_choose_rv=uid in self.rv_uids)
+            if not self._allowed(uid, gid, groups):
                 self.rejected += 1
-                log.warning("refused producer pid %d uid %d gid %d: not in allow-uid/allow-gid", pid, uid, gid)
+                log.warning("refused producer pid %d uid %d gid %d groups %s: not root, the daemon's uid, "
+                            "in allow-uid or a member of allow-gid", pid, uid, gid, list(groups))
                 self._reply(client, proto.encode_reply(proto.Status.FORBIDDEN, 0, b"uid/gid not allowed"))
                 try:
                     sock.send(bytes(client.outbuf))
@@ -275,6 +314,16 @@ class Daemon:
                 log.warning("refused producer pid %d: %d clients already", pid, len(self.clients))
                 sock.close()
                 continue
+            count = self.uid_clients.get(uid, 0)
+            if count >= self.config.max_clients_per_uid and uid not in self.trusted_uids:
+                self.rejected += 1
+                if uid not in self.uid_refused:  # a flood of connects must not flood the log
+                    self.uid_refused.add(uid)
+                    log.warning("refusing producers of uid %d: %d connections already (max-clients-per-uid); "
+                                "logged once until one of them closes", uid, count)
+                sock.close()
+                continue
+            self.uid_clients[uid] = count + 1
             self.clients[sock.fileno()] = client
             self.selector.register(sock, selectors.EVENT_READ, "client")
             log.debug("producer pid %d uid %d connected", pid, uid)
@@ -298,59 +347,222 @@ class Daemon:
             self.accepting = True
             self.selector.register(self.listener, selectors.EVENT_READ, "listener")
 
-    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
-        c = self.config
-        if uid in c.allow_uid or gid in c.allow_gid:
-            return True
-        try:  # supplementary groups: a reader that joined the cache's group
+    def _peer_groups(self, sock: socket.socket, pid: int) -> tuple[int, ...]:
+        """The peer's supplementary groups as they were at its connect(),
+        from the socket (SO_PEERGROUPS), like its uid and gid (SO_PEERCRED):
+        neither what the peer does afterwards nor a reuse of its pid changes
+        the verdict.  Only a kernel without SO_PEERGROUPS (Linux < 4.13)
+        makes the daemon read /proc/PID/status instead, at accept time."""
+        if self.peergroups:
+            try:
+                raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_BYTES)
+            except OSError as err:
+                if err.errno != errno.ENOPROTOOPT:
+                    # ERANGE: more groups than CPython can fetch.  Least
+                    # privilege: judged by its uid and primary gid alone.
+                    log.warning("producer pid %d: supplementary groups unreadable (%s); judged by its uid "
+                                "and primary gid only", pid,
+                                "more than 256" if err.errno == errno.ERANGE else err)
+                    return ()
+                self.peergroups = False
+                log.warning("this kernel has no SO_PEERGROUPS (Linux < 4.13): producers' supplementary groups "
+                            "are read from /proc/PID/status when they are accepted, not as of their connect()")
+            else:
+                return struct.unpack(f"={len(raw) // 4}I", raw[:len(raw) // 4 * 4])
+        try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("Groups:"):
-                        return any(int(g) in c.allow_gid for g in line.split()[1:])
+                        return tuple(int(g) for g in line.split()[1:])
         except (OSError, ValueError):
             pass
-        return False
+        return ()
+
+    def _allowed(self, uid: int, gid: int, groups: tuple[int, ...]) -> bool:
+        c = self.config
+        return (uid in self.trusted_uids or uid in c.allow_uid
+                or gid in c.allow_gid or any(g in c.allow_gid for g in groups))
+
+    # ---- a connection's input, budget and replies --------------------------
+
+    def _may_read(self, client: Client) -> bool:
+        if client.closing or client.wants or self.stopping or len(client.outbuf) >= REPLY_HIGH_WATER:
+            return False
+        if client.large is not None:
+            return client.large_filled < len(client.large)
+        return len(client.inbuf) < CLIENT_ALLOWANCE
 
     def _receive(self, client: Client) -> None:
+        if not self._may_read(client):
+            return  # paused since the selector reported it
         try:
-            data = client.sock.recv(READ_CHUNK)
+            if client.large is not None:
+                n = client.sock.recv_into(memoryview(client.large)[client.large_filled:])
+                client.large_filled += n
+            else:
+                data = client.sock.recv(CLIENT_ALLOWANCE - len(client.inbuf))
+                client.inbuf += data
+                n = len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
             self._drop(client, f"recv: {err}")
             return
-        if not data:
-            self._drop(client, "closed by the producer")
+        if not n:
+            # Every complete frame it sent has been applied (else we would
+            # not be reading it): send what is left of their replies, then close.
+            client.closing = True
+            self._pump(client)
             return
-        client.inbuf += data
-        self._process(client)
+        self._pump(client)
 
-    def _process(self, client: Client) -> None:
-        """Apply every complete frame in the input buffer."""
+    def _pump(self, client: Client) -> None:
+        """Apply what the client sent, as far as its unsent replies allow;
+        send what its socket takes; watch it for what it may do next."""
+        while True:
+            self._apply(client)
+            if not client.outbuf:
+                break
+            try:
+                sent = client.sock.send(client.outbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self._drop(client, f"send: {err}")
+                return
+            del client.outbuf[:sent]
+            if len(client.outbuf) >= REPLY_HIGH_WATER or not self._frame_ready(client):
+                break
+        if client.closing and not client.outbuf:
+            self._drop(client, "closed after its last reply")
+            return
+        self._watch(client)
+
+    def _frame_ready(self, client: Client) -> bool:
+        """Could _apply make progress on what is buffered?"""
+        if client.closing or client.wants:
+            return False
+        if client.large is not None:
+            return client.large_filled == len(client.large)
         buf = client.inbuf
-        while len(buf) >= proto.FRAME_HEADER.size and not client.closing:
-            (size,) = proto.FRAME_HEADER.unpack_from(buf)
-            if size > self.config.max_frame_bytes:
-                self.rejected += 1
-                self._reply(client, proto.encode_reply(
-                    proto.Status.FRAME_TOO_LARGE, 0,
-                    f"frame of {size} bytes exceeds max-frame-bytes {self.config.max_frame_bytes}".encode()))
-                client.closing = True
-                break
-            end = proto.FRAME_HEADER.size + size
-            if len(buf) < end:
-                break
-            payload = bytes(buf[proto.FRAME_HEADER.size:end])
-            del buf[:end]
+        if len(buf) < proto.FRAME_HEADER.size:
+            return False
+        size: int = proto.FRAME_HEADER.unpack_from(buf)[0]
+        end = proto.FRAME_HEADER.size + size
+        return size > self.config.max_frame_bytes or end > CLIENT_ALLOWANCE or end <= len(buf)
+
+    def _apply(self, client: Client) -> None:
+        """Apply the complete frames received, in order, while fewer than
+        REPLY_HIGH_WATER bytes of replies wait to be sent."""
+        header = proto.FRAME_HEADER.size
+        while not client.closing and not client.wants and len(client.outbuf) < REPLY_HIGH_WATER:
+            if client.large is not None:
+                if client.large_filled < len(client.large):
+                    break
+                payload = bytes(client.large)
+                client.large = None  # the copy is what is applied: one buffer less meanwhile
+            else:
+                buf = client.inbuf
+                if len(buf) < header:
+                    break
+                (size,) = proto.FRAME_HEADER.unpack_from(buf)
+                if size > self.config.max_frame_bytes:
+                    self.rejected += 1
+                    self._reply(client, proto.encode_reply(
+                        proto.Status.FRAME_TOO_LARGE, 0,
+                        f"frame of {size} bytes exceeds max-frame-bytes {self.config.max_frame_bytes}".encode()))
+                    client.closing = True
+                    break
+                end = header + size
+                if end > CLIENT_ALLOWANCE:
+                    if not self._reserve(client, size):
+                        break  # paused until its size fits in the budget
+                    continue
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as view:
+                    payload = bytes(view[header:end])
+                del buf[:end]
             self._reply(client, self._handle(client, payload))
+            del payload
+            self._release(client)  # held until now: it covered the payload being applied
             client.partial_since = None  # a completed frame is progress
-        if not buf:
+        if client.closing:
+            client.inbuf.clear()
+            client.large = None
+            self._unwait(client)
+            self._release(client)
+        if not client.inbuf and client.large is None:
             client.partial_since = None
         elif client.partial_since is None:
             client.partial_since = time.monotonic()
-        if client.closing:
-            buf.clear()
-        self._flush(client)
+
+    def _reserve(self, client: Client, size: int) -> bool:
+        """Reserve ``size`` bytes of --max-buffered-bytes for the client's
+        next frame, now if they fit and no other client waits ahead of it;
+        else queue the client (it is not read meanwhile).  True if reserved."""
+        client.wants = size
+        self.waiting[client] = None
+        self._admit()
+        return not client.wants
+
+    def _admit(self) -> None:
+        """Grant waiting clients their reservations while they fit.  Fair
+        among uids: the waiter whose uid holds the least goes first (the
+        oldest among equals), so one uid's flood of large frames delays
+        another uid's by at most one reservation's lifetime; no waiter is
+        passed over for a smaller one behind it, so none starves."""
+        budget = self.config.max_buffered_bytes
+        while self.waiting:
+            nxt = min(self.waiting, key=lambda w: self.uid_reserved.get(w.uid, 0))
+            if self.reserved + nxt.wants > budget:
+                return
+            del self.waiting[nxt]
+            size, nxt.wants = nxt.wants, 0
+            self.reserved += size
+            self.uid_reserved[nxt.uid] = self.uid_reserved.get(nxt.uid, 0) + size
+            nxt.reserved = size
+            # The frame's payload goes straight into a buffer of its size; what
+            # arrived of it so far moves there from the small input buffer.
+            large = bytearray(size)
+            got = len(nxt.inbuf) - proto.FRAME_HEADER.size
+            large[:got] = nxt.inbuf[proto.FRAME_HEADER.size:]
+            nxt.large, nxt.large_filled, nxt.inbuf = large, got, bytearray()
+            self._watch(nxt)  # read again: its stall clock restarts
+
+    def _release(self, client: Client) -> None:
+        if client.reserved:
+            self.reserved -= client.reserved
+            left = self.uid_reserved.get(client.uid, 0) - client.reserved
+            if left > 0:
+                self.uid_reserved[client.uid] = left
+            else:
+                self.uid_reserved.pop(client.uid, None)
+            client.reserved = 0
+            self._admit()
+
+    def _unwait(self, client: Client) -> None:
+        if client.wants:
+            self.waiting.pop(client, None)
+            client.wants = 0
+
+    def _watch(self, client: Client) -> None:
+        """Register the client for what it may do now: send (unsent replies),
+        receive (room in its buffer, not paused).  Unregistered if neither."""
+        want = selectors.EVENT_WRITE if client.outbuf else 0
+        if self._may_read(client):
+            want |= selectors.EVENT_READ
+        if want == client.events:  # each change is a system call
+            return
+        if want & ~client.events & selectors.EVENT_READ and (client.inbuf or client.large is not None):
+            client.partial_since = time.monotonic()  # the stall clock restarts when we read again
+        if not want:
+            self.selector.unregister(client.sock)
+        elif not client.events:
+            self.selector.register(client.sock, want, "client")
+        else:
+            self.selector.modify(client.sock, want, "client")
+        client.events = want
 
     def _handle(self, client: Client, payload: bytes) -> bytes:
         self.requests += 1
@@ -375,6 +587,11 @@ class Daemon:
                                           b"this cache mirrors an etcd prefix: write to etcd "
                                           b"(or start shmcached with --allow-local-writes)")
             rv = request.rv or None
+            if rv is not None:
+                refusal = self._rv_refusal(client, rv)
+                if refusal is not None:
+                    self.rejected += 1
+                    return proto.encode_reply(proto.Status.INVALID_RV, 0, refusal.encode())
             if request.op == proto.Op.PUT:
                 key, value = request.items[0]
                 assert value is not None
@@ -386,37 +603,31 @@ class Daemon:
             self.rejected += 1
             return proto.error_reply(err)
 
-    def _reply(self, client: Client, frame: bytes) -> None:
-        client.outbuf += frame
+    def _rv_refusal(self, client: Client, rv: int) -> str | None:
+        """Why an explicit ``rv`` is refused before the writer sees it, if it
+        is.  Resource versions only grow and end at 2**63 - 1: one far jump
+        would leave every producer without any, until a restart."""
+        if not client.may_choose_rv:
+            return (f"uid {client.uid} may not choose resource versions (root, the daemon's uid and "
+                    f"--allow-rv-uid may): send rv 0 to get the next one")
+        current = self.writer.resource_version
+        if rv > current + self.config.max_rv_jump:
+            return f"rv {rv} is more than --max-rv-jump {self.config.max_rv_jump} past the current rv {current}"
+        return None
 
-    def _flush(self, client: Client) -> None:
-        if client.outbuf:
-            try:
-                sent = client.sock.send(client.outbuf)
-                del client.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as err:
-                self._drop(client, f"send: {err}")
-                return
-        if client.closing and not client.outbuf:
-            self._drop(client, "protocol error")
-            return
-        # stop reading from a client that does not read its replies
-        want = selectors.EVENT_WRITE if client.outbuf else 0
-        if len(client.outbuf) < PAUSE_READING_AT and not client.closing:
-            want |= selectors.EVENT_READ
-        if want and want != client.events:  # each change is a system call
-            if want & ~client.events & selectors.EVENT_READ and client.inbuf:
-                client.partial_since = time.monotonic()  # the stall clock restarts with reading
-            self.selector.modify(client.sock, want, "client")
-            client.events = want
+    def _reply(self, client: Client, frame: bytes) -> None:
+        head = proto.FRAME_HEADER.size + proto.REPLY.size
+        if len(frame) > head + MAX_ERROR_TEXT and frame[proto.FRAME_HEADER.size] != proto.Status.OK:
+            # an error's text is cut so that one reply stays small (the memory bound)
+            text = frame[head:head + MAX_ERROR_TEXT].decode("utf-8", "ignore").encode()
+            frame = proto.encode_reply(proto.Status(frame[proto.FRAME_HEADER.size]), 0, text)
+        client.outbuf += frame
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.config.client_timeout
         for client in list(self.clients.values()):
             if not client.events & selectors.EVENT_READ:
-                continue  # we stopped reading it: not its stall
+                continue  # we stopped reading it (budget, unsent replies): not its stall
             if client.partial_since is not None and now - client.partial_since > limit:
                 self.rejected += 1
                 self._drop(client, f"stalled mid-frame for more than {limit:g} s")
@@ -427,10 +638,21 @@ class Daemon:
             return
         log.debug("producer pid %d disconnected: %s", client.pid, why)
         self.clients.pop(fd, None)
-        try:
-            self.selector.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
+        self._unwait(client)
+        client.large = None
+        self._release(client)  # may admit a waiting client
+        left = self.uid_clients.get(client.uid, 0) - 1
+        if left > 0:
+            self.uid_clients[client.uid] = left
+        else:
+            self.uid_clients.pop(client.uid, None)
+        self.uid_refused.discard(client.uid)
+        if client.events:
+            try:
+                self.selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
+            client.events = 0
         client.sock.close()
         self._resume_accepting()  # a descriptor is free again
 
@@ -448,6 +670,8 @@ class Daemon:
             "keys": int(h.live_keys),
             "store_bytes": int(h.live_bytes),
             "producers": len(self.clients),
+            "buffered_bytes": self.reserved,
+            "waiting_for_buffer": len(self.waiting),
             "requests": self.requests,
             "rejected": self.rejected,
             "events_per_s": round(self.events_per_s, 1),

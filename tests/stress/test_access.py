@@ -466,11 +466,12 @@ def test_group_member_produces_only_if_peer_credentials_allow(
         name: str, tmp_path: Path, open_dir: Path, allow: tuple[str, ...], served: bool,
         report: Report) -> None:
     """The socket's file mode (0660, group GROUP) lets a group member
-    connect whatever the allow-lists; the daemon then decides by SO_PEERCRED.
-    With the defaults (the daemon's uid and 0, the daemon's gid) or lists
-    without the member, Producer.put raises ProtocolError(FORBIDDEN) and
-    nothing is written; with --allow-gid GROUP (a supplementary group) or
-    --allow-uid of the member, the put is served and readers see it."""
+    connect whatever the allow-lists; the daemon then decides by SO_PEERCRED
+    and SO_PEERGROUPS.  With the defaults (nobody but root and the daemon's
+    uid, although GROUP owns the socket and the segment) or lists without
+    the member, Producer.put raises ProtocolError(FORBIDDEN) and nothing is
+    written; with --allow-gid GROUP (a supplementary group) or --allow-uid
+    of the member, the put is served and readers see it."""
     who = MEMBER_SUPPLEMENTARY
     sock = str(open_dir / "d.sock")
     v = Verdicts()

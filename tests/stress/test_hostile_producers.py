@@ -393,6 +393,7 @@ FUZZ_MAX_KEYS = 8
 FUZZ_STORE = 4096
 FUZZ_ARENA = 4096
 FUZZ_FRAME = 100_000
+MAX_RV_JUMP = 1 << 40  # --max-rv-jump's default: an explicit rv further ahead is INVALID_RV
 GOOD_KEYS = [b"a", b"b", b"c", b"d", b"pods/x", b"pods/y", b"pods/z", "é".encode(), "日本".encode(),
              b"k\x00nul", b"k" * MAX_KEY_BYTES] + [f"key{i}".encode() for i in range(12)]
 BAD_KEYS = [b"", b"k" * (MAX_KEY_BYTES + 1), b"\xff", b"\xc3", b"\xed\xa0\x80"]
@@ -421,7 +422,7 @@ class FuzzModel:
                 errors.add(VALUE_TOO_LARGE)
         if op == BATCH and not items:
             return {OK}
-        if rv and not self.rv < rv <= MAX_RV:
+        if rv and not self.rv < rv <= min(MAX_RV, self.rv + MAX_RV_JUMP):
             errors.add(INVALID_RV)
         if not rv and self.rv + len(items) > MAX_RV:
             errors.add(INVALID_RV)
