@@ -169,6 +169,32 @@ def test_unit_keeps_the_cache_usable_outside_it() -> None:
     assert "@chown" in s["SystemCallFilter"]
 
 
+def _bytes(value: str) -> int:
+    """A systemd size (K, M, G: powers of 1024) in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_memory_max_covers_the_segment_and_the_producers() -> None:
+    """MemoryMax= must hold what the unit is charged for with the daemon's
+    defaults: the segment (allocated whole at creation), the producers'
+    bound of docs/protocol.md ("Limits") and the interpreter; TasksMax= is
+    set."""
+    if find_spec("shmcached") is None:
+        pytest.skip("the shmcached package is not installed (pip install -e .)")
+    from shmcached._config import OPTIONS
+
+    from shmcache._layout import Geometry
+
+    d = {option.name: option.default for option in OPTIONS}
+    segment = Geometry.plan(d["capacity"], d["arena-bytes"], d["max-keys"], d["store-bytes"]).total_bytes
+    producers = d["max-clients"] * (64 << 10) + d["max-buffered-bytes"] + d["max-frame-bytes"]
+    interpreter = 32 << 20  # about 14 MiB of private memory at start, doubled
+    s = _service_settings(UNIT.read_text())
+    assert segment + producers + interpreter <= _bytes(s["MemoryMax"][-1])
+    assert 2 < int(s["TasksMax"][-1]) <= 64
+
+
 # ---- sysusers.d and tmpfiles.d ----------------------------------------------
 
 
@@ -250,4 +276,5 @@ def test_etcd_drop_in_verifies_and_opens_only_the_network(tmp_path: Path) -> Non
     assert settings["IPAddressDeny"] == base["IPAddressDeny"] == ["any"]
     assert settings["IPAddressAllow"] == ["localhost"]
     changed = {k for k in settings if settings[k] != base.get(k)}
-    assert changed == {"PrivateNetwork", "RestrictAddressFamilies", "IPAddressAllow"}
+    assert changed == {"PrivateNetwork", "RestrictAddressFamilies", "IPAddressAllow", "MemoryMax"}
+    assert _bytes(settings["MemoryMax"][-1]) > _bytes(base["MemoryMax"][-1])
