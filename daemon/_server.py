@@ -510,8 +510,9 @@ class Daemon:
         """Grant waiting clients their reservations while they fit.  Fair
         among uids: the waiter whose uid holds the least goes first (the
         oldest among equals), so one uid's flood of large frames delays
-        another uid's by at most one reservation's lifetime; no waiter is
-        passed over for a smaller one behind it, so none starves."""
+        another uid's only until the reservations in force end (a stalled
+        one within --client-timeout), not until the whole flood is through;
+        no waiter is passed over for a smaller one behind it, so none starves."""
         budget = self.config.max_buffered_bytes
         while self.waiting:
             nxt = min(self.waiting, key=lambda w: self.uid_reserved.get(w.uid, 0))

@@ -180,10 +180,7 @@ def test_memory_max_covers_the_segment_and_the_producers() -> None:
     defaults: the segment (allocated whole at creation), the producers'
     bound of docs/protocol.md ("Limits") and the interpreter; TasksMax= is
     set."""
-    if find_spec("shmcached") is None:
-        pytest.skip("the shmcached package is not installed (pip install -e .)")
-    from shmcached._config import OPTIONS
-
+    from daemon._config import OPTIONS
     from shmcache._layout import Geometry
 
     d = {option.name: option.default for option in OPTIONS}
