@@ -185,7 +185,7 @@ def test_memory_max_covers_the_segment_and_the_producers() -> None:
 
     d = {option.name: option.default for option in OPTIONS}
     segment = Geometry.plan(d["capacity"], d["arena-bytes"], d["max-keys"], d["store-bytes"]).total_bytes
-    producers = d["max-clients"] * (64 << 10) + d["max-buffered-bytes"] + d["max-frame-bytes"]
+    producers = d["max-clients"] * (64 << 10) + d["max-buffered-bytes"] + 2 * d["max-frame-bytes"]
     interpreter = 32 << 20  # about 14 MiB of private memory at start, doubled
     s = _service_settings(UNIT.read_text())
     assert segment + producers + interpreter <= _bytes(s["MemoryMax"][-1])
