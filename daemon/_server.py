@@ -45,13 +45,11 @@ DRAIN_SECONDS = 2.0  # at shutdown, how long clients get to collect their replie
 # frame larger than that is buffered only once its size is reserved from
 # --max-buffered-bytes, and no further frame of a connection is applied while
 # REPLY_HIGH_WATER bytes of its replies are unsent (so a connection holds at
-# most that plus one reply, whose error text is cut at MAX_ERROR_TEXT).
+# most that plus one reply, whose error text is cut at MAX_ERROR_TEXT).  The
+# docs count 64 KiB a connection: these, its own objects and allocator slack.
 CLIENT_ALLOWANCE = 32 << 10
 REPLY_HIGH_WATER = 16 << 10
 MAX_ERROR_TEXT = 2048
-#: per connection in the documented bound: the two above, one reply, and the
-#: connection's own objects and allocator slack
-CLIENT_BOUND = 64 << 10
 
 
 @dataclass(eq=False)
