@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import selectors
 import signal
@@ -62,8 +63,9 @@ class Client:
     outbuf: bytearray = field(default_factory=bytearray)
     # A frame over CLIENT_ALLOWANCE: its payload, received straight into a
     # buffer of exactly its size once the size is reserved (inbuf is empty
-    # meanwhile), and how much of it has arrived.
-    large: bytearray | None = None
+    # meanwhile), and how much of it has arrived.  An anonymous mapping: its
+    # pages are allocated as the payload arrives, not zeroed at admission.
+    large: mmap.mmap | None = None
     large_filled: int = 0
     reserved: int = 0  # bytes of --max-buffered-bytes held for ``large``
     wants: int = 0  # while waiting for the budget: the payload size to reserve
@@ -457,8 +459,8 @@ class Daemon:
             if client.large is not None:
                 if client.large_filled < len(client.large):
                     break
-                payload = bytes(client.large)
-                client.large = None  # the copy is what is applied: one buffer less meanwhile
+                payload = client.large[:]
+                client.large = None  # unmapped: the copy is what is applied
             else:
                 buf = client.inbuf
                 if len(buf) < header:
@@ -512,7 +514,7 @@ class Daemon:
         one within --client-timeout), not until the whole flood is through;
         no waiter is passed over for a smaller one behind it, so none starves."""
         budget = self.config.max_buffered_bytes
-        while self.waiting:
+        while self.waiting and not self.stopping:  # stopping: nobody is read again
             nxt = min(self.waiting, key=lambda w: self.uid_reserved.get(w.uid, 0))
             if self.reserved + nxt.wants > budget:
                 return
@@ -523,7 +525,7 @@ class Daemon:
             nxt.reserved = size
             # The frame's payload goes straight into a buffer of its size; what
             # arrived of it so far moves there from the small input buffer.
-            large = bytearray(size)
+            large = mmap.mmap(-1, size)
             got = len(nxt.inbuf) - proto.FRAME_HEADER.size
             large[:got] = nxt.inbuf[proto.FRAME_HEADER.size:]
             nxt.large, nxt.large_filled, nxt.inbuf = large, got, bytearray()
