@@ -24,6 +24,7 @@ and its checks four times against the same daemon.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -805,3 +806,34 @@ def test_group_writable_socket_is_the_way_for_a_group(name: str, tmp_path: Path)
     sock = str(tmp_path / "d.sock")
     with running(name, sock, tmp_path / "d.log", "--socket-mode", "0770", "--mode", "0600"):
         assert os.stat(sock).st_mode & 0o777 == 0o770
+
+
+class _NoPeerGroups:
+    """A socket whose kernel lacks SO_PEERGROUPS (or whose peer has more
+    groups than CPython can fetch): getsockopt fails with ``errno``."""
+
+    def __init__(self, errno_: int) -> None:
+        self.errno = errno_
+
+    def getsockopt(self, *_: object) -> bytes:
+        raise OSError(self.errno, os.strerror(self.errno))
+
+
+@pytest.mark.parametrize(("errno_", "expect_proc"), [
+    pytest.param(errno.ENOPROTOOPT, True, id="no-SO_PEERGROUPS-reads-proc"),
+    pytest.param(errno.ERANGE, False, id="too-many-groups-judged-without-them"),
+])
+def test_peer_groups_fallback(tmp_path: Path, errno_: int, expect_proc: bool) -> None:
+    """Only a kernel without SO_PEERGROUPS (ENOPROTOOPT) makes the daemon
+    read /proc/PID/status, and from then on for every peer; a peer with
+    more groups than fit (ERANGE) is judged by uid and primary gid alone."""
+    from daemon._config import parse
+    from daemon._server import Daemon as Server
+
+    server = Server(parse(["--name", "fallback", "--socket", str(tmp_path / "d.sock")]))
+    try:
+        groups = server._peer_groups(_NoPeerGroups(errno_), os.getpid())  # type: ignore[arg-type]
+    finally:
+        server.selector.close()
+    assert groups == (tuple(os.getgroups()) if expect_proc else ())
+    assert server.peergroups is not expect_proc
