@@ -26,7 +26,7 @@ from shmcache import CacheExists, CacheNotTrusted, ShmCacheError, Writer
 from shmcache import _protocol as proto
 
 from ._config import Config
-from ._etcd import EtcdClient
+from ._etcd import EtcdClient, message_limit
 from ._notify import Notifier
 from ._upstream import Upstream
 
@@ -159,9 +159,12 @@ class Daemon:
         self.selector.register(wake_r, selectors.EVENT_READ, "wakeup")
         if c.source == "etcd":
             assert c.etcd_endpoints is not None and c.etcd_prefix is not None
-            client = EtcdClient(list(c.etcd_endpoints), ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key)
-            self.upstream = Upstream(self.writer, client, c.etcd_prefix.encode(),
-                                     keep_prefix=c.etcd_keep_prefix)
+            prefix = c.etcd_prefix.encode()
+            # no answer that fits this cache is larger, so none is read whole beyond that
+            client = EtcdClient(list(c.etcd_endpoints), ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key,
+                                max_message_bytes=message_limit(c.store_bytes, c.max_keys, len(prefix)),
+                                max_message_kvs=c.max_keys)
+            self.upstream = Upstream(self.writer, client, prefix, keep_prefix=c.etcd_keep_prefix)
             self.upstream.start()
             log.info("mirroring etcd prefix %r from %s", c.etcd_prefix, ", ".join(c.etcd_endpoints))
         if not self.stop_signal:

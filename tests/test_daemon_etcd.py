@@ -38,9 +38,15 @@ def eventually(what: str, check: Callable[[], Any]) -> Any:
 
 @contextmanager
 def mirroring(etcd: EtcdServer, tmp_path: Path, *extra: str) -> Iterator[Daemon]:
+    with mirroring_url(etcd.url, tmp_path, *extra) as d:
+        yield d
+
+
+@contextmanager
+def mirroring_url(url: str, tmp_path: Path, *extra: str) -> Iterator[Daemon]:
     name = unique_name("etcd")
     with running(name, str(tmp_path / "d.sock"), tmp_path / "d.log", "--source", "etcd",
-                 "--etcd-endpoints", etcd.url, "--etcd-prefix", "/app/", *extra) as d:
+                 "--etcd-endpoints", url, "--etcd-prefix", "/app/", *extra) as d:
         yield d
 
 
@@ -182,3 +188,32 @@ def test_the_daemon_fails_over_to_a_live_endpoint(etcd: EtcdServer, tmp_path: Pa
             listed(d, "a")
             etcd.put(b"/app/b", b"2")
             eventually("a put through the second endpoint", lambda: get(name, "b"))
+
+
+def test_the_daemon_reads_etcd_answers_only_up_to_what_its_cache_can_hold(tmp_path: Path) -> None:
+    """The daemon bounds its etcd client by its own geometry
+    (``message_limit`` of a 1 MiB store: about 1.5 MiB): an endpoint that
+    answers every call with 8 MiB is refused at the answer's length, the
+    daemon logs it, keeps serving its (empty) cache, and took at most that
+    limit from the endpoint — the client's default limit, for a cache of the
+    default size, would have read all 8 MiB."""
+    from shmcached._etcd import message_limit
+
+    from ._fakehttp import fake_server
+
+    huge = 8 << 20
+
+    def flood(peer: Any) -> None:
+        peer.head(200, Content_Type="application/json", Content_Length=huge)
+        peer.stream(huge, chunked=False)
+
+    routes = {path: flood for path in ("/v3/kv/range", "/v3/maintenance/status", "/v3/watch")}
+    limit = message_limit(1 << 20, 256, len(b"/app/"))  # tests/_daemon_helpers.py SMALL
+    assert limit < huge
+    with fake_server(routes) as server:
+        with mirroring_url(server.url, tmp_path) as d:
+            eventually("the refusal in the log", lambda: f"over the limit of {limit}" in d.output)
+            assert d.socket is not None
+            with Producer(d.socket) as p:
+                assert p.ping() == 0
+        assert 0 < server.sent <= limit + (1 << 20), server.sent  # socket buffers aside
