@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from daemon._etcd import message_limit
 from shmcache import Item, Producer, ProtocolError, Reader, ResourceExpired
 
 from ._daemon_helpers import Daemon, daemon_env, running
 from ._etcd import EtcdServer, dead_endpoint
+from ._fakehttp import Handler, Peer, fake_server
 from .helpers import unique_name
 
 DEADLINE = 30.0
@@ -197,17 +199,13 @@ def test_the_daemon_reads_etcd_answers_only_up_to_what_its_cache_can_hold(tmp_pa
     daemon logs it, keeps serving its (empty) cache, and took at most that
     limit from the endpoint — the client's default limit, for a cache of the
     default size, would have read all 8 MiB."""
-    from shmcached._etcd import message_limit
-
-    from ._fakehttp import fake_server
-
     huge = 8 << 20
 
-    def flood(peer: Any) -> None:
+    def flood(peer: Peer) -> None:
         peer.head(200, Content_Type="application/json", Content_Length=huge)
         peer.stream(huge, chunked=False)
 
-    routes = {path: flood for path in ("/v3/kv/range", "/v3/maintenance/status", "/v3/watch")}
+    routes: dict[str, Handler] = {path: flood for path in ("/v3/kv/range", "/v3/maintenance/status", "/v3/watch")}
     limit = message_limit(1 << 20, 256, len(b"/app/"))  # tests/_daemon_helpers.py SMALL
     assert limit < huge
     with fake_server(routes) as server:
