@@ -36,7 +36,7 @@ def missing(peer: str) -> str | None:
     """None if ``peer``'s Python package imports, else the reason it does not."""
     try:
         importlib.import_module(_MODULES[peer])
-    except Exception as err:  # an ImportError, or a broken build raising anything
+    except Exception as err:  # noqa: BLE001 (an ImportError, or a broken build raising anything)
         return f"{_MODULES[peer]} does not import ({type(err).__name__}: {err}); pip install -e '.[bench]'"
     return None
 

@@ -708,7 +708,7 @@ def _plots(rec: Recorder, base: Path, plots: bool) -> tuple[list[Path], list[str
         import matplotlib
 
         matplotlib.use("Agg")  # only files are drawn: no display is needed
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn is reported, the figures stand)
         return [], [(f"Not drawn: matplotlib does not import ({type(err).__name__}: {err}); "
                      f"pip install -e '.[bench]'.")]
     written: list[Path] = []
@@ -718,7 +718,7 @@ def _plots(rec: Recorder, base: Path, plots: bool) -> tuple[list[Path], list[str
         path = base.with_name(f"{base.name}-{name}.png")
         try:
             why = draw(rec, path)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn is reported, the figures stand)
             why = f"drawing failed ({type(err).__name__}: {err})"
         if why is None:
             written.append(path)

@@ -76,7 +76,7 @@ def _worker(sock: str, index: int, conn: Connection) -> None:
                     for items in batches:
                         put_many(items)
                 conn.send((t0, time.perf_counter()))
-    except BaseException as err:
+    except BaseException as err:  # noqa: BLE001 (any failure is the parent's to report)
         with suppress(OSError):
             conn.send(f"error: {type(err).__name__}: {err}")
     finally:

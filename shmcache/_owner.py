@@ -40,7 +40,7 @@ import enum
 import os
 from dataclasses import dataclass
 
-__all__ = ["BOOT_BITS", "INITIAL_PIDNS", "Liveness", "ProcessIdentity", "START_TICKS_BITS", "judge", "me"]  # noqa: RUF022
+__all__ = ["BOOT_BITS", "INITIAL_PIDNS", "Liveness", "ProcessIdentity", "START_TICKS_BITS", "judge", "me"]
 
 #: start_ticks is stored masked to this many bits (at 100 Hz, centuries)
 START_TICKS_BITS = 40

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shmcache import (
-    CacheCorrupted,
     CacheFull,
     Event,
     EventType,

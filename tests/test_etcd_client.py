@@ -341,7 +341,7 @@ def test_watch_close_from_another_thread_ends_a_blocked_iteration(etcd: EtcdServ
     def iterate() -> None:
         try:
             outcome.append(list(watch))
-        except BaseException as err:  # reported by the assertion below
+        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
             outcome.append(err)
 
     thread = threading.Thread(target=iterate, daemon=True)
@@ -380,7 +380,7 @@ def test_watch_bad_arguments(etcd: EtcdServer) -> None:
 class _Fake(http.server.BaseHTTPRequestHandler):
     """Answers every POST with the server's canned status and body."""
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         server: Any = self.server
         server.hits += 1
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -390,7 +390,7 @@ class _Fake(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(server.body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -71,7 +71,8 @@ def tls_etcd(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                 break
             except EtcdError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("TLS etcd did not start: " + (tmp_path / "etcd.log").read_text()[-2000:])
+                    raise AssertionError("TLS etcd did not start: "
+                                         + (tmp_path / "etcd.log").read_text()[-2000:]) from None
                 time.sleep(0.1)
         yield url, tmp_path
     finally:

@@ -213,7 +213,7 @@ def test_creator_owns_and_unlinks(name: str) -> None:
         w.put("k", b"v")
     r.close()
     with pytest.raises(CacheClosed):
-        r.resource_version
+        _ = r.resource_version
     with pytest.raises(CacheNotFound):
         Reader(name)
     with pytest.raises(CacheNotFound):

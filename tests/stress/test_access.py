@@ -48,7 +48,7 @@ from shmcache import Item, Producer, Reader, Writer
 
 from .._daemon_helpers import FORBIDDEN, IO_TIMEOUT, WATCHER, LineChild, child, running, wait_for
 from .._report import Report
-from ..test_daemon import open_dir  # noqa: F401, F811  (the fixture: a socket directory anybody may traverse)
+from ..test_daemon import open_dir  # noqa: F401  (the fixture: a socket directory anybody may traverse)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root to become other uids and gids in child processes")

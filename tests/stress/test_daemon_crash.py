@@ -202,7 +202,7 @@ def test_daemon_sigkill_restart_under_producer_load(name: str, tmp_path: Path, r
                 # came from the killed daemon, and no later one can.
                 refused_before = [p.refused for p in ps]
                 pump_until(ps, "every producer sees the daemon down",
-                           lambda p: p.refused > refused_before[ps.index(p)])
+                           lambda p, ps=ps, before=refused_before: p.refused > before[ps.index(p)])
                 # the killed daemon's segment stays readable: every acknowledged put is there
                 epoch_acks = [a for p in ps for a in p.acks if a[0] not in seen]
                 assert_in(reader, epoch_acks, f"round {rnd}, after SIGKILL")
@@ -266,7 +266,7 @@ def test_acknowledged_puts_survive_sigterm_under_load(name: str, tmp_path: Path,
                 assert d.wait() == 0, d.fail("bad exit status")
                 before = [p.errors for p in ps]
                 pump_until(ps, "every producer sees the daemon gone",
-                           lambda p: p.errors > before[ps.index(p)])
+                           lambda p, ps=ps, before=before: p.errors > before[ps.index(p)])
                 stop.touch()
                 for p in ps:
                     p.finish()

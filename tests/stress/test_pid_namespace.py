@@ -22,8 +22,8 @@ import pytest
 from shmcache import LockTimeout, Reader, Writer
 
 from .._daemon_helpers import LineChild
-from ..helpers import scaled
 from .._report import Report
+from ..helpers import scaled
 
 #: ``HOLDER name``: opens the cache, takes the writers' lock as a put would
 #: (like tests/_children.py ``hold_lock``), prints {"held": pid in its
@@ -103,8 +103,8 @@ def test_holder_in_a_nested_pid_namespace_is_judged_by_its_pid_there(name: str, 
         if holder is not None:
             holder.kill()
         owner.close()
-    report(checked="lock held from a nested PID namespace (pid %d there; a live pid here): LockTimeout "
-                   "while it lives, recovered once it died" % ns_pid,
+    report(checked=f"lock held from a nested PID namespace (pid {ns_pid} there; a live pid here): LockTimeout "
+                   "while it lives, recovered once it died",
            events=2, faults=1, failures=0, lock_timeouts_alive=len(alive_msgs), lock_recoveries=1)
 
 

@@ -16,9 +16,9 @@ import psutil
 
 from shmcache import Reader, Writer
 
-from .._daemon_helpers import LineChild, child, wait_for
-from ..helpers import scaled
+from .._daemon_helpers import child, wait_for
 from .._report import Report
+from ..helpers import scaled
 
 CAPACITY = scaled(16384, 65536)
 KEYS = 500

@@ -52,7 +52,7 @@ from .._daemon_helpers import (
     wait_for,
 )
 from .._report import Report
-from ..test_daemon import open_dir  # noqa: F401, F811  (the fixture: a socket directory anybody may traverse)
+from ..test_daemon import open_dir  # noqa: F401  (the fixture: a socket directory anybody may traverse)
 from .test_access import (
     ACTOR,
     GROUP,

@@ -74,7 +74,7 @@ def test_drain_while_wrapping(name: str, case: str, report: Report) -> None:
         assert wstats["rv"] == model.last_rv
         assert wstats["slot_bound"] > 0 and wstats["arena_bound"] > 0, wstats
         assert wstats["evicted"] >= model.last_rv - capacity
-        for (mode, prefix, _), stats in zip(readers, rstats):
+        for (_mode, prefix, _), stats in zip(readers, rstats):
             assert stats["events"] > 0, stats
             assert model.next_rv(prefix, stats["pos"]) is None
 
