@@ -1,8 +1,10 @@
-"""The ``shmcache`` command line: read, write, watch and inspect a cache.
+"""The ``shmcache`` command line: its arguments, its output and its exit status.
 
 Reading (``get``, ``list``, ``watch``, ``status``) maps the segment read-only,
 exactly as a ``Reader``; writing (``put``, ``delete``) goes through the owning
 daemon's socket (a ``Producer``) unless ``--direct`` asks for a ``Writer``.
+What ``status`` reports is gathered by ``_inspect``, the demos run in
+``_demo``: this module parses, formats and maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -10,28 +12,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import multiprocessing
 import os
-import queue
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import psutil
-
+from ._demo import run_daemon_demo, run_direct_demo
 from ._events import Event, Item
-from ._entries import segment_path, semaphore_path
-from ._owner import Liveness, ProcessIdentity, judge
+from ._inspect import status_of
 from ._producer import Producer
-from ._reader import Reader, _encode_prefix
-from ._trust import OwnerSpec, trusted_owners
+from ._reader import Reader, encode_prefix
+from ._trust import trusted_owners
 from ._writer import Writer, encode_key
 from .exceptions import (
     CacheClosed,
@@ -285,7 +278,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _encode_prefix(args.prefix)
+    encode_prefix(args.prefix)
     with Reader(args.name, owner=args.owner) as reader:
         snapshot = reader.list(args.prefix)
     if args.output == "json":
@@ -299,7 +292,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    _encode_prefix(args.prefix)
+    encode_prefix(args.prefix)
     since: int = args.since
     json_out = args.output == "json"
     write = sys.stdout.write
@@ -322,115 +315,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-# ---- status --------------------------------------------------------------------
-
-
-def mapping_processes(name: str) -> tuple[list[dict[str, Any]], int]:
-    """The processes (other than this one) that map cache ``name``'s segment:
-    [{"pid", "name", "mode": "ro"|"rw", "mappings"}], and how many processes
-    could not be inspected (another user's, without privileges)."""
-    try:
-        st = os.stat(segment_path(name))
-    except FileNotFoundError:
-        return [], 0
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}".encode()
-    inode = str(st.st_ino).encode()
-    needle = (segment_path(name)).encode()
-    found: list[dict[str, Any]] = []
-    uninspected = 0
-    me = os.getpid()
-    for proc in psutil.process_iter(["name"]):
-        if proc.pid == me:
-            continue
-        try:
-            with open(f"/proc/{proc.pid}/maps", "rb") as f:
-                maps = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # ended meanwhile
-        except OSError:
-            uninspected += 1
-            continue
-        if needle not in maps:
-            continue
-        writable = False
-        count = 0
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            # address perms offset dev inode path: the same inode, not an
-            # older segment of that name (shown "(deleted)") still mapped
-            if len(fields) == 6 and fields[4] == inode and fields[3].lower() == device \
-                    and fields[5].startswith(needle):
-                count += 1
-                writable = writable or fields[1][1:2] == b"w"
-        if count:
-            found.append({"pid": proc.pid, "name": proc.info.get("name") or "?",
-                          "mode": "rw" if writable else "ro", "mappings": count})
-    found.sort(key=lambda p: int(p["pid"]))
-    return found, uninspected
-
-
-def status_of(name: str, trust: OwnerSpec | None = None) -> dict[str, Any]:
-    """Everything ``shmcache status`` reports, as one JSON-ready dict; only
-    from a segment of an owner ``trust`` names (CacheNotTrusted otherwise)."""
-    with Reader(name, owner=trust) as reader:
-        h: Any = reader.header_copy()
-        g = reader.geometry
-        rv = reader.resource_version
-        oldest = reader.oldest_resource_version
-        ring_events, ring_bytes = reader.ring_usage()
-        cap = g.capacity
-        owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
-                                int(h.creator_pidns), int(h.creator_boot))
-        liveness = judge(owner)
-        owner_name = owner_state = None
-        if liveness is Liveness.ALIVE:
-            try:
-                proc = psutil.Process(owner.pid)
-                owner_name, owner_state = proc.name(), proc.status()  # "stopped": SIGSTOPped
-            except psutil.Error:
-                pass
-        heartbeat = reader.heartbeat_age
-        status: dict[str, Any] = {
-            "name": name,
-            "path": segment_path(name),
-            "epoch": f"{int(h.epoch):016x}",
-            "created": int(h.created_ms) / 1000,
-            "owner": {
-                "pid": owner.pid,
-                "name": owner_name,
-                "liveness": liveness.value,
-                "state": owner_state,
-                "alive": None if liveness is Liveness.UNKNOWABLE else liveness is Liveness.ALIVE,
-            },
-            "heartbeat_age": None if heartbeat is None else round(heartbeat, 3),
-            "socket": reader.socket_path or None,
-            "rv": rv,
-            "oldest_rv": oldest,
-            "ring": {"events": ring_events, "capacity": cap,
-                     "bytes": ring_bytes, "arena_bytes": g.arena_bytes},
-            "store": {"keys": int(h.live_keys), "max_keys": g.max_keys,
-                      "bytes": int(h.live_bytes), "store_bytes": g.store_bytes},
-            "events_written": int(h.events_written),
-            "events_evicted": int(h.events_evicted),
-        }
-    status["upstream"] = _upstream_of(status["socket"], trust)
-    processes, uninspected = mapping_processes(name)
-    status["processes"] = processes
-    status["uninspected_processes"] = uninspected
-    return status
-
-
-def _upstream_of(socket_path: str | None, owner: OwnerSpec | None) -> dict[str, Any] | None:
-    """The daemon's upstream state (an etcd source), from its STATS; None if
-    it has none or cannot be asked (no daemon, no permission, not trusted)."""
-    if not socket_path:
-        return None
-    try:
-        with Producer(socket_path, timeout=2.0, owner=owner) as p:
-            upstream: dict[str, Any] | None = p.stats().get("upstream")
-    except (ShmCacheError, OSError, ValueError):
-        return None
-    return upstream
+# ---- status ----------------------------------------------------------------
 
 
 def _plural(n: int, noun: str) -> str:
@@ -495,193 +380,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if not args.direct:
-        return run_daemon_demo(readers=args.readers, producers=args.producers, events=args.events,
-                               batch=args.batch, capacity=args.capacity, name=args.name)
-    from ._demo import run
-
-    return run(readers=args.readers, events=args.events, batch=args.batch,
-               capacity=args.capacity, name=args.name)
-
-
-DEMO_KEYS = 1000
-DEMO_WAIT = 60.0  # seconds: the longest any step of the daemon demo may take
-
-
-def _produce(name: str, index: int, producers: int, events: int, batch: int, ready: Any,
-             go: Any, results: Any) -> None:
-    """A producer process of the daemon demo: its share of the events, in
-    put_many batches through the daemon's socket."""
-    from ._demo import _value
-
-    try:
-        seqs = range(index, events, producers)
-        with Producer(name) as producer:
-            ready.put(index)
-            if not go.wait(DEMO_WAIT):
-                raise TimeoutError("never told to start")
-            start = time.perf_counter()
-            rv = 0
-            for i in range(0, len(seqs), batch):
-                rv = producer.put_many([(f"demo/{s % DEMO_KEYS}", _value(f"demo/{s % DEMO_KEYS}", s))
-                                        for s in seqs[i:i + batch]])
-            elapsed = time.perf_counter() - start
-        results.put((index, len(seqs), elapsed, rv, ""))
-    except Exception as err:  # reported by the parent, which fails the demo
-        results.put((index, 0, 0.0, 0, f"{type(err).__name__}: {err}"))
-        sys.exit(1)  # the parent may be waiting for this producer's "connected"
-
-
-def _collect(results: Any, procs: list[Any], count: int, what: str) -> list[Any]:
-    """``count`` results from the queue; RuntimeError if a process died
-    without one or DEMO_WAIT passed."""
-    got: list[Any] = []
-    deadline = time.monotonic() + DEMO_WAIT
-    while len(got) < count:
-        try:
-            got.append(results.get(timeout=0.2))
-            continue
-        except queue.Empty:
-            pass
-        dead = [p for p in procs if p.exitcode not in (None, 0)]
-        if dead:
-            raise RuntimeError(f"a {what} process exited with status {dead[0].exitcode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{count - len(got)} {what} processes said nothing for {DEMO_WAIT:.0f} s")
-    return sorted(got)
-
-
-def _wait_for_daemon(daemon: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + DEMO_WAIT
-    while True:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"shmcached exited with status {daemon.returncode} before it was ready")
-        try:
-            with Reader(name) as reader:
-                if reader.heartbeat_age is not None:
-                    return
-        except (CacheNotFound, CacheClosed):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"shmcached did not serve cache {name!r} within {DEMO_WAIT:.0f} s")
-        time.sleep(0.02)
-
-
-def _stop(procs: list[Any]) -> None:
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    for p in procs:
-        p.join(timeout=10)
-        if p.exitcode is None:
-            p.kill()
-            p.join(timeout=10)
-
-
-def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_000,
-                    batch: int = 64, capacity: int = 4096, name: str | None = None) -> int:
-    """``shmcache demo``: shmcached owns the cache, producer
-    processes write through its socket, reader processes watch and verify
-    every event; then SIGTERM and a check that nothing is left behind.
-    Returns the exit status (0: every check held)."""
-    from ._demo import STOP_KEY, _reader
-
-    name = name or f"demo-{os.getpid()}"
-    tmp = tempfile.mkdtemp(prefix="shmcache-demo-")
-    sock = os.path.join(tmp, "shmcached.sock")
-    log_path = os.path.join(tmp, "shmcached.log")
-    cmd = [sys.executable, "-m", "shmcached", "--name", name, "--capacity", str(capacity),
-           "--arena-bytes", str(capacity * 256), "--max-keys", str(DEMO_KEYS + 2),
-           "--store-bytes", str(max(1 << 20, DEMO_KEYS * 256)), "--socket", sock,
-           "--heartbeat", "0.2", "--log-level", "warning"]
-    ctx = multiprocessing.get_context("spawn")
-    ready, results, produced, go = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs: list[Any] = []
-    ok = True
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        try:
-            _wait_for_daemon(daemon, name)
-            print(f"shmcached: pid {daemon.pid} owns cache {name!r} ({capacity} ring slots); "
-                  f"producers connect to {sock}")
-            with Producer(name) as control:
-                control.put("demo/start", b"")  # readers' snapshots start past rv 0
-                watchers = [ctx.Process(target=_reader, args=(name, ready, results, i))
-                            for i in range(readers)]
-                procs += watchers
-                for p in watchers:
-                    p.start()
-                _collect(ready, watchers, readers, "reader")
-                mapped, _ = mapping_processes(name)
-                print(f"{_plural(readers, 'reader process')} watching; mapping the segment: "
-                      + ", ".join(f"pid {m['pid']} ({m['mode']})" for m in mapped))
-                writers = [ctx.Process(target=_produce,
-                                       args=(name, i, producers, events, batch, ready, go, produced))
-                           for i in range(producers)]
-                procs += writers
-                for p in writers:
-                    p.start()
-                _collect(ready, writers, producers, "producer")  # each one connected
-                start = time.perf_counter()
-                go.set()
-                for index, n, elapsed, rv, error in _collect(produced, writers, producers, "producer"):
-                    if error:
-                        print(f"producer {index}: FAILED: {error}", file=sys.stderr)
-                        ok = False
-                    else:
-                        print(f"producer {index}: {n:,} events in {elapsed:.2f} s = "
-                              f"{n / max(elapsed, 1e-9):,.0f} events/s through the socket "
-                              f"(put_many batches of {batch}), last rv {rv}")
-                elapsed = time.perf_counter() - start
-                control.put(STOP_KEY, b"")
-                stats = control.stats()
-            print(f"shmcached: {events:,} events in {elapsed:.2f} s = {events / elapsed:,.0f} events/s "
-                  f"from {producers} producers; {stats['requests']:,} requests, "
-                  f"{stats['rejected']} rejected; rv {stats['rv']}, {stats['keys']} keys")
-            for index, seen, expired, bad, rv, items in _collect(results, watchers, readers, "reader"):
-                print(f"reader {index}: {seen:,} events verified, {expired} relists after "
-                      f"ResourceExpired, {bad} bad; final list() at rv {rv}: {items} keys")
-                ok = ok and bad == 0 and items == min(DEMO_KEYS, events) + 2
-            for p in procs:
-                p.join(timeout=DEMO_WAIT)
-                ok = ok and p.exitcode == 0
-        except (RuntimeError, ShmCacheError, OSError) as err:
-            print(f"demo failed: {err}", file=sys.stderr)
-            ok = False
-        finally:
-            _stop(procs)
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        try:
-            rc = daemon.wait(timeout=DEMO_WAIT)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            rc = daemon.wait(timeout=DEMO_WAIT)
-        left = [path for path in (segment_path(name), semaphore_path(name), sock)
-                if os.path.exists(path)]
-        if rc == 0 and not left:
-            print("shmcached stopped on SIGTERM: exit status 0; segment, semaphore and socket removed")
-        else:
-            ok = False
-            print(f"shmcached: exit status {rc}; left behind: {', '.join(left) or 'nothing'}",
-                  file=sys.stderr)
-        if not ok:
-            with open(log_path, "rb") as f:
-                logged = f.read().decode(errors="replace").strip()
-            if logged:
-                print(f"shmcached's log:\n{logged}", file=sys.stderr)
-    finally:  # after an unexpected exception (Ctrl-C) too: stop the daemon, cleanly if it can
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=DEMO_WAIT)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(timeout=DEMO_WAIT)
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("all checks held" if ok else "A CHECK FAILED", file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+    if args.direct:
+        result = run_direct_demo(readers=args.readers, events=args.events, batch=args.batch,
+                                 capacity=args.capacity, name=args.name)
+    else:
+        result = run_daemon_demo(readers=args.readers, producers=args.producers, events=args.events,
+                                 batch=args.batch, capacity=args.capacity, name=args.name)
+    if result.ok:
+        print("all checks held")
+        return EXIT_OK
+    print("A CHECK FAILED", file=sys.stderr)
+    return EXIT_NOT_FOUND
 
 
 # ---- the parser ----------------------------------------------------------------

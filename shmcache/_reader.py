@@ -28,7 +28,7 @@ from .exceptions import (
     ResourceVersionTooLarge,
 )
 
-__all__ = ["Interval", "RawBatch", "Reader"]
+__all__ = ["Interval", "RawBatch", "Reader", "encode_prefix"]
 
 _META = struct.Struct("<QIIII")
 _EVENT_TYPES = (EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
@@ -74,6 +74,11 @@ def _encode_prefix(prefix: object) -> bytes:
     if len(raw) > MAX_KEY_BYTES:
         raise InvalidKey(f"prefix is {len(raw)} UTF-8 bytes; keys have at most {MAX_KEY_BYTES}")
     return raw
+
+
+#: a prefix's UTF-8 bytes (TypeError, InvalidKey): for callers that check one
+#: before opening a cache, as the command line does
+encode_prefix = _encode_prefix
 
 
 class Reader:
