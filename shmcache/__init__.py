@@ -5,6 +5,8 @@ bounded ring; readers map the segment read-only and, without any lock,
 ``get``, ``list`` at a resource version, and watch every change after it.
 """
 
+from importlib import metadata as _metadata
+
 from ._events import Event, EventType, Item, Snapshot
 from ._producer import Producer
 from ._reader import Interval, RawBatch, Reader
@@ -60,4 +62,6 @@ __all__ = [
     "Writer",
 ]
 
-__version__ = "0.1.0"
+# pyproject.toml's version, the one place it is written. No fallback: the C
+# extensions exist only once pip has built them, and pip writes the metadata too.
+__version__: str = _metadata.version("shmcache")
