@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import enum
+import grp
 import json
 import os
+import pwd
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +26,8 @@ from typing import Any, TextIO
 from ._demo import run_daemon_demo, run_direct_demo
 from ._events import Event, Item
 from ._inspect import status_of
-from ._producer import Producer
+from ._layout import check_name
+from ._producer import Producer, socket_path_of
 from ._reader import Reader, encode_prefix
 from ._trust import trusted_owners
 from ._writer import Writer, encode_key
@@ -38,11 +43,29 @@ from .exceptions import (
 
 __all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1  # also: any other error
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_EXPIRED = 4
+
+class Exit(enum.IntEnum):
+    """The exit statuses; EXIT_HELP says when each one is returned."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    EXPIRED = 4
+
+
+# the one description of each code: the help prints these, and each handler
+# returns the code whose description fits what happened
+EXIT_HELP = {
+    Exit.OK: "ok (watch: also after Ctrl-C or --timeout)",
+    Exit.FAILED: "key not found (get or delete of a missing key), or any other error\n"
+                 "(a full cache, a value too large, a refused request, permission\n"
+                 "denied: a segment or a daemon's socket this user may not use)",
+    Exit.USAGE: "usage or configuration error (bad arguments, an invalid name or key)",
+    Exit.UNAVAILABLE: "cache not found or closed by its owner, or no daemon on the socket",
+    Exit.EXPIRED: "resource expired: watch --no-relist fell behind the ring (or list was\n"
+                  "outrun by writers 8 times in a row)",
+}
 
 DESCRIPTION = """\
 A node-local watch cache in POSIX shared memory: read, write, watch and
@@ -69,13 +92,7 @@ output (-o json: for scripts; human: the default):
   -o json (or get --raw) for exact bytes.  Errors go to stderr, one line.
 
 exit status:
-  0  ok (watch: also after Ctrl-C or --timeout)
-  1  key not found (get or delete of a missing key), or any other error
-     (a full cache, a value too large, a refused request, permission denied)
-  2  usage or configuration error (bad arguments, an invalid name or key)
-  3  cache not found or closed by its owner, or no daemon on the socket
-  4  resource expired: watch --no-relist fell behind the ring (or list was
-     outrun by writers 8 times in a row)"""
+""" + "\n".join(f"  {int(code)}  " + text.replace("\n", "\n     ") for code, text in EXIT_HELP.items())
 
 
 # ---- showing values ------------------------------------------------------------
@@ -180,28 +197,86 @@ def _run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return err.code
     except (InvalidName, InvalidKey) as err:
         _error(str(err))
-        return EXIT_USAGE
+        return Exit.USAGE
     except DaemonUnavailable as err:
-        _error(f"{err} (is shmcached running for cache {args.name!r}? --direct writes "
-               "the segment without it)")
-        return EXIT_UNAVAILABLE
+        if isinstance(err.__cause__, PermissionError):  # a daemon may well run: not ours to use
+            _error(str(err))
+            return Exit.FAILED
+        _error(f"{err} ({_daemon_hint(args)} --direct writes the segment without it)")
+        return Exit.UNAVAILABLE
     except (CacheNotFound, CacheClosed) as err:
         _error(str(err))
-        return EXIT_UNAVAILABLE
+        return Exit.UNAVAILABLE
     except ResourceExpired as err:
         _error(str(err))
-        return EXIT_EXPIRED
+        return Exit.EXPIRED
     except BrokenPipeError:
         _silence_stdout()
-        return EXIT_OK
+        return Exit.OK
     except (ShmCacheError, OSError) as err:
         _error(str(err) or type(err).__name__)
-        return EXIT_NOT_FOUND
+        return Exit.FAILED
     except KeyboardInterrupt:
         return 130
 
 
+def _daemon_hint(args: argparse.Namespace) -> str:
+    socket_path = getattr(args, "socket", None)
+    if socket_path:  # the cache's name played no part: naming it would mislead
+        return f"is shmcached listening on {socket_path}?"
+    return f"is shmcached running for cache {args.name!r}?"
+
+
 # ---- writes --------------------------------------------------------------------
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _who_may_connect(path: str) -> str:
+    """Why connect(2) to the socket at ``path`` was refused, in terms of its
+    owner, group and mode: connecting takes write permission on the socket,
+    and search permission on each directory above it."""
+    me = f"this is user {_user(os.getuid())}"
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        return f"a directory above the socket may not be searched ({me})"
+    except OSError:
+        return "the socket's mode and group decide who may connect"
+    mode = stat.S_IMODE(st.st_mode)
+    user, group = _user(st.st_uid), _group(st.st_gid)
+    if mode & stat.S_IWOTH:  # then not the mode: a security module, say
+        return f"the socket (mode {mode:04o}) lets anyone connect, yet {me} was refused"
+    who = ["root"]
+    if mode & stat.S_IWUSR and st.st_uid != 0:
+        who.append(f"user {user}")
+    if mode & stat.S_IWGRP:
+        who.append(f"members of group {group}")
+    allowed = who[0] if len(who) == 1 else ", ".join(who[:-1]) + " and " + who[-1]
+    return (f"the socket is mode {mode:04o}, owner {user}, group {group}: only {allowed} may "
+            f"connect ({me}; shmcached --group and --socket-mode set the socket's group and mode)")
+
+
+def _connect(path: str, args: argparse.Namespace) -> Producer:
+    try:
+        return Producer(path, owner=args.owner)
+    except DaemonUnavailable as err:
+        if isinstance(err.__cause__, PermissionError):
+            raise Failure(f"may not connect to the daemon at {path}: permission denied; "
+                          f"{_who_may_connect(path)}", Exit.FAILED) from err
+        raise
 
 
 @contextmanager
@@ -209,10 +284,10 @@ def _writer(args: argparse.Namespace) -> Iterator[Writer | Producer]:
     if args.direct:
         target: Writer | Producer = Writer(args.name, create=False, owner=args.owner)
     elif args.socket:
-        path = args.socket if "/" in args.socket else os.path.join(".", args.socket)
-        target = Producer(path, owner=args.owner)
+        target = _connect(args.socket if "/" in args.socket else os.path.join(".", args.socket), args)
     else:
-        target = Producer(args.name, owner=args.owner)
+        # resolved here, not by Producer(name), so that a refusal can name the socket
+        target = _connect(socket_path_of(check_name(args.name), trusted_owners(args.owner)), args)
     try:
         yield target
     finally:
@@ -232,7 +307,7 @@ def cmd_put(args: argparse.Namespace) -> int:
         print(_dumps({"op": "put", "key": key, "rv": rv}))
     else:
         print(f"{show_key(key)} set at rv {rv}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -242,12 +317,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
         try:
             rv = w.delete(key, rv=args.rv)
         except KeyError:
-            raise Failure(f"key not found: {key}", EXIT_NOT_FOUND) from None
+            raise Failure(f"key not found: {key}", Exit.FAILED) from None
     if args.output == "json":
         print(_dumps({"op": "delete", "key": key, "rv": rv}))
     else:
         print(f"{show_key(key)} deleted at rv {rv}")
-    return EXIT_OK
+    return Exit.OK
 
 
 # ---- reads ---------------------------------------------------------------------
@@ -265,7 +340,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     with Reader(args.name, owner=args.owner) as reader:
         item = reader.get(key)
     if item is None:
-        raise Failure(f"key not found: {key}", EXIT_NOT_FOUND)
+        raise Failure(f"key not found: {key}", Exit.FAILED)
     if args.raw:
         sys.stdout.flush()
         sys.stdout.buffer.write(item.value)
@@ -274,11 +349,19 @@ def cmd_get(args: argparse.Namespace) -> int:
         print(_dumps(_item_json(item)))
     else:
         _print_items([item])
-    return EXIT_OK
+    return Exit.OK
+
+
+def _check_prefix(prefix: str) -> None:
+    """A bad prefix is a usage error, whatever the cache's state."""
+    try:
+        encode_prefix(prefix)
+    except UnicodeEncodeError as err:  # an argument that was not UTF-8
+        raise InvalidKey(f"prefix {prefix!r} is not encodable as UTF-8: {err.reason}") from err
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    encode_prefix(args.prefix)
+    _check_prefix(args.prefix)
     with Reader(args.name, owner=args.owner) as reader:
         snapshot = reader.list(args.prefix)
     if args.output == "json":
@@ -288,11 +371,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         print(f"no keys{f' under {show_key(args.prefix)!r}' if args.prefix else ''} "
               f"at rv {snapshot.rv}", file=sys.stderr)
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    encode_prefix(args.prefix)
+    _check_prefix(args.prefix)
     since: int = args.since
     json_out = args.output == "json"
     write = sys.stdout.write
@@ -304,15 +387,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         write((_dumps(_event_json(event)) if json_out else _event_line(event)) + "\n")
                         sys.stdout.flush()
                         since = event.rv
-                    return EXIT_OK  # --timeout passed without an event
+                    return Exit.OK  # --timeout passed without an event
                 except ResourceExpired as err:
                     if args.no_relist:
                         raise Failure(f"{err}; list again, or watch without --no-relist",
-                                      EXIT_EXPIRED) from None
+                                      Exit.EXPIRED) from None
                     print(f"shmcache: {err}: listing again", file=sys.stderr)
                     since = 0
     except KeyboardInterrupt:
-        return EXIT_OK
+        return Exit.OK
 
 
 # ---- status ----------------------------------------------------------------
@@ -373,7 +456,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_dumps(status))
     else:
         _print_status(status)
-    return EXIT_OK
+    return Exit.OK
 
 
 # ---- demo ----------------------------------------------------------------------
@@ -388,9 +471,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  batch=args.batch, capacity=args.capacity, name=args.name)
     if result.ok:
         print("all checks held")
-        return EXIT_OK
+        return Exit.OK
     print("A CHECK FAILED", file=sys.stderr)
-    return EXIT_NOT_FOUND
+    return Exit.FAILED
 
 
 # ---- the parser ----------------------------------------------------------------

@@ -7,9 +7,12 @@ import base64
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -220,6 +223,87 @@ def test_missing_cache_exits_3(name: str) -> None:
     assert result.rc == 3 and "cannot find the daemon" in result.err and ".sock" not in result.err, result
     result = cli("put", "k", "v", "--name", name, "--socket", "/nonexistent/dir/s.sock")
     assert result.rc == 3 and "/nonexistent/dir/s.sock" in result.err, result
+
+
+def test_a_prefix_that_is_not_utf8_is_a_usage_error(name: str) -> None:
+    for command in ("list", "watch"):
+        result = cli(command, b"\xff", "--name", name)
+        assert result.rc == 2 and "not encodable as UTF-8" in result.err, result
+
+
+def test_put_with_a_socket_and_no_daemon_names_the_socket_not_a_cache(tmp_path: Path) -> None:
+    sock = str(tmp_path / "nothing.sock")
+    result = cli("put", "k", "v", "--socket", sock)
+    assert result.rc == 3, result
+    assert f"is shmcached listening on {sock}?" in result.err, result.err
+    assert "'default'" not in result.err and "running for cache" not in result.err
+
+
+def _exit_help(code: int) -> str:
+    """The help's description of exit status ``code``, its lines joined."""
+    out = ok("--help").out
+    section = out[out.index("exit status:"):].splitlines()[1:]
+    start = next(i for i, line in enumerate(section) if line.startswith(f"  {code}  "))
+    lines = [section[start]]
+    lines += [line for line in section[start + 1:] if line.startswith("     ")]
+    return " ".join(" ".join(lines).split())
+
+
+# imported before giving up root: the interpreter's own files may be out of nobody's reach
+AS_NOBODY = """
+import os, sys
+from shmcache._cli import main
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli_as_nobody(*args: str) -> Result:
+    proc = subprocess.run([sys.executable, "-c", AS_NOBODY, *args], capture_output=True,
+                          timeout=TIMEOUT, env=_env(), check=False)
+    return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), proc.stdout)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory anybody may traverse (pytest's tmp_path is root's 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="shmcache-cli-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_permission_denied_on_the_socket_exits_as_the_help_says(open_dir: Path, tmp_path: Path) -> None:
+    assert "permission denied" in _exit_help(1) and "socket" in _exit_help(1)
+    assert "permission" not in _exit_help(3)
+    sock = open_dir / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+        if os.geteuid() == 0:  # root connects whatever the mode: ask as nobody
+            sock.chmod(0o660)
+            result = _cli_as_nobody("put", "k", "v", "--socket", str(sock))
+            expected = "mode 0660, owner root, group root: only root and members of group root may connect"
+        else:
+            sock.chmod(0)
+            result = cli("put", "k", "v", "--socket", str(sock))
+            expected = "mode 0000"
+        assert result.rc == 1, result
+        assert f"may not connect to the daemon at {sock}: permission denied" in result.err, result.err
+        assert expected in result.err and "--group" in result.err, result.err
+        assert "running" not in result.err and "listening" not in result.err
+        if os.geteuid() == 0:  # a directory on the way that nobody may search
+            hidden = tmp_path / "s.sock"
+            listener2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with listener2:
+                listener2.bind(str(hidden))
+                listener2.listen()
+                result = _cli_as_nobody("delete", "k", "--socket", str(hidden))
+            assert result.rc == 1 and "a directory above the socket may not be searched" in result.err, result
 
 
 # ---- get, put, delete, list against a Writer -----------------------------------
