@@ -2,8 +2,10 @@
 file, then defaults — each option settable in all three places.
 
 Every option has one entry in OPTIONS: its default, unit and validation.
-A bad value is a ``ConfigError`` naming the option; ``main`` prints it on one
-line and exits 2 before anything is created.
+A bad value is a ``ConfigError`` naming where it was set (the option, the
+``SHMCACHED_*`` variable, or the option and the file); ``main`` prints it on
+one line and exits 2 before anything is created.  Boolean options are flags
+(``--x``/``--no-x``); their variables and TOML keys take true or false.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shmcache import __version__
+from shmcache import _protocol as proto
 from shmcache._layout import Geometry, check_name
 from shmcache._writer import MAX_RV
 from shmcache.exceptions import InvalidSize
@@ -42,21 +46,32 @@ def default_socket_path(name: str) -> str | None:
 def _positive_int(text: Any) -> int:
     if isinstance(text, (bool, float)):
         raise ValueError("must be a positive integer")
-    value = int(text)
+    # int()'s own message ("invalid literal for int() with base 10") says
+    # nothing about what the option wants
+    try:
+        value = int(text)
+    except (ValueError, TypeError):
+        raise ValueError("must be a positive integer") from None
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
 
 
 def _seconds(text: Any) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except (ValueError, TypeError):
+        raise ValueError("must be a positive number of seconds") from None
     if not 0 < value < 1e7:
         raise ValueError("must be a positive number of seconds")
     return value
 
 
 def _mode(text: Any) -> int:
-    value = int(text, 8) if isinstance(text, str) else int(text)
+    try:
+        value = int(text, 8) if isinstance(text, str) else int(text)
+    except (ValueError, TypeError):
+        raise ValueError("must be permission bits such as 0640") from None
     if not 0 <= value <= 0o777:
         raise ValueError("must be permission bits such as 0640")
     return value
@@ -82,6 +97,15 @@ def _socket_mode(text: Any) -> int:
     return value
 
 
+def _frame_bytes(text: Any) -> int:
+    # Producers send frames up to this size without asking the daemon for
+    # its limit (docs/protocol.md, "Frames"): a smaller limit would refuse them.
+    value = _positive_int(text)
+    if value < proto.MIN_FRAME_BYTES:
+        raise ValueError(f"must be at least {proto.MIN_FRAME_BYTES}")
+    return value
+
+
 def _rv_jump(text: Any) -> int:
     value = _positive_int(text)
     if value > MAX_RV:
@@ -91,7 +115,10 @@ def _rv_jump(text: Any) -> int:
 
 def _ids(text: Any) -> tuple[int, ...]:
     items = text if isinstance(text, list) else str(text).split(",")
-    ids = tuple(int(str(i).strip()) for i in items if str(i).strip())
+    try:
+        ids = tuple(int(str(i).strip()) for i in items if str(i).strip())
+    except ValueError:
+        raise ValueError("must be a comma-separated list of numeric ids") from None
     if any(i < 0 for i in ids):
         raise ValueError("must be a comma-separated list of numeric ids")
     return ids
@@ -135,12 +162,12 @@ def _prefix(text: Any) -> str:
 def _bool(text: Any) -> bool:
     if isinstance(text, bool):
         return text
-    value = str(text).lower()
+    value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ValueError("must be true or false")
+    raise ValueError("must be true or false (or 1/0, yes/no, on/off)")
 
 
 def _level(text: Any) -> str:
@@ -163,6 +190,7 @@ class Option:
     default: Any  # None: computed (see Config)
     parse: Callable[[Any], Any]
     help: str
+    metavar: str | None = None  # default: the option name's last word
 
 
 OPTIONS = [
@@ -183,12 +211,14 @@ OPTIONS = [
     Option("allow-rv-uid", None, _ids, "more uids whose writes may carry an explicit resource version, "
            "comma-separated (default: none; root and the daemon's uid always may)"),
     Option("max-rv-jump", 1 << 40, _rv_jump, "how far past the current resource version an explicit one may be"),
-    Option("max-frame-bytes", 17 << 20, _positive_int, "largest request frame, in bytes"),
+    Option("max-frame-bytes", 17 << 20, _frame_bytes,
+           f"largest request frame, in bytes (at least {proto.MIN_FRAME_BYTES})"),
     Option("max-buffered-bytes", 64 << 20, _positive_int,
            "frames larger than 32 KiB wait until their size fits in this many bytes, all producers together"),
     Option("max-clients", 1024, _positive_int, "producer connections served at once"),
     Option("max-clients-per-uid", 64, _positive_int,
-           "producer connections of one uid at once (root and the daemon's uid: only max-clients)"),
+           "producer connections of one uid at once (root and the daemon's uid: only max-clients)",
+           "CLIENTS"),
     Option("client-timeout", 30.0, _seconds, "a client that stalls mid-frame this long is dropped, in seconds"),
     Option("lock-timeout", 5.0, _seconds, "wait for a live holder of the writers' lock, in seconds"),
     Option("heartbeat", 1.0, _seconds, "heartbeat and status interval, in seconds"),
@@ -241,35 +271,66 @@ def _env_name(option: str) -> str:
     return "SHMCACHED_" + option.upper().replace("-", "_")
 
 
+#: the variable naming the TOML file; every other SHMCACHED_* variable is an option's
+CONFIG_ENV = "SHMCACHED_CONFIG"
+
+
+def _is_flag(opt: Option) -> bool:
+    return opt.parse is _bool
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcached",
         description="Own one shmcache cache: create its shared memory segment, serve "
         "producers on a Unix socket, keep a heartbeat, and remove it all on SIGTERM.",
         epilog="Each option can also be set in the TOML file of --config (key: the option's "
-        "name with '_' for '-') or in the environment (SHMCACHED_<OPTION>, e.g. "
-        "SHMCACHED_ARENA_BYTES); the command line wins over the environment, which wins "
-        "over the file.",
+        "name with '_' for '-'; flags take true or false) or in the environment "
+        "(SHMCACHED_<OPTION>, e.g. SHMCACHED_ARENA_BYTES; flags take true/false, 1/0 or yes/no); "
+        "the command line wins over the environment, which wins over the file. An unknown "
+        "SHMCACHED_* variable or TOML key is an error.",
     )
-    parser.add_argument("--config", metavar="PATH", default=os.environ.get("SHMCACHED_CONFIG"),
-                        help="TOML file with any of the options below (env SHMCACHED_CONFIG)")
+    # -V leads its --help line, so the lines that start with "--" stay exactly
+    # the configurable options (tests/test_systemd.py checks the examples against them)
+    parser.add_argument("-V", "--version", action="version", version=f"shmcached {__version__}")
+    parser.add_argument("--config", metavar="PATH", default=os.environ.get(CONFIG_ENV),
+                        help=f"TOML file with any of the options below (env {CONFIG_ENV})")
     for opt in OPTIONS:
         default = opt.default
         if default is None:
             text = opt.help  # the help says how the default is computed
         elif opt.parse in (_mode, _segment_mode, _socket_mode):
             text = f"{opt.help} (default: {default:04o})"
+        elif _is_flag(opt):
+            text = f"{opt.help} (default: {'on' if default else 'off'})"
         else:
             text = f"{opt.help} (default: {default})"
-        parser.add_argument(f"--{opt.name}", metavar=opt.name.split("-")[-1].upper(),
-                            default=None, help=text)
+        # default None: "not on the command line", so the environment and the file are consulted
+        if _is_flag(opt):
+            parser.add_argument(f"--{opt.name}", action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            parser.add_argument(f"--{opt.name}", metavar=opt.metavar or opt.name.split("-")[-1].upper(),
+                                default=None, help=text)
     return parser
+
+
+def _check_environment() -> None:
+    """ConfigError for a SHMCACHED_* variable that sets nothing: a misspelt
+    one would otherwise be ignored, silently leaving its option at the default."""
+    known = {CONFIG_ENV} | {_env_name(opt.name) for opt in OPTIONS}
+    unknown = sorted(k for k in os.environ if k.startswith("SHMCACHED_") and k not in known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown variable (the options' variables are "
+                          f"SHMCACHED_<OPTION>, e.g. SHMCACHED_ARENA_BYTES for --arena-bytes; "
+                          f"see shmcached --help)")
 
 
 def parse(argv: list[str] | None = None) -> Config:
     """The configuration; ConfigError for a bad value, SystemExit(2) for bad
-    usage (argparse's own message)."""
+    usage (argparse's own message), SystemExit(0) after --help or --version."""
     args = vars(build_parser().parse_args(argv))
+    _check_environment()
     file_values: dict[str, Any] = {}
     if args["config"]:
         try:
@@ -284,37 +345,43 @@ def parse(argv: list[str] | None = None) -> Config:
         if unknown:
             raise ConfigError(f"--config: unknown option {unknown[0]!r} in {args['config']}")
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each option given was set, for the messages
     for opt in OPTIONS:
         key = opt.name.replace("-", "_")
         raw = args[key]
         source = f"--{opt.name}"
         if raw is None:
-            env = _env_name(opt.name)
-            raw = os.environ.get(env)
+            source = _env_name(opt.name)
+            raw = os.environ.get(source)
             if raw is None and opt.name == "name":
-                raw = os.environ.get("SHMCACHE_NAME")
-            source = f"--{opt.name} (from the environment)"
+                source = "SHMCACHE_NAME"
+                raw = os.environ.get(source)
         if raw is None and key in file_values:
             raw = file_values[key]
             source = f"--{opt.name} (from {args['config']})"
         if raw is None:
             values[key] = opt.default
             continue
+        sources[key] = source
         try:
             values[key] = opt.parse(raw)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{source}: {raw!r} {err}") from None
+
+    def where(key: str) -> str:
+        return sources.get(key, f"--{key.replace('_', '-')}")
+
     for key in ("allow_uid", "allow_gid", "allow_rv_uid"):
         if values[key] is None:  # least privilege: root and the daemon's uid are allowed in the server
             values[key] = ()
     if values["max_frame_bytes"] > values["max_buffered_bytes"]:
-        raise ConfigError(f"--max-buffered-bytes: {values['max_buffered_bytes']} is less than --max-frame-bytes "
-                          f"{values['max_frame_bytes']}: a frame that large could never be admitted")
+        raise ConfigError(f"{where('max_buffered_bytes')}: {values['max_buffered_bytes']} is less than "
+                          f"--max-frame-bytes {values['max_frame_bytes']}: a frame that large could never "
+                          f"be admitted")
     try:  # the sizes together, as the cache will check them
         Geometry.plan(values["capacity"], values["arena_bytes"], values["max_keys"], values["store_bytes"])
     except InvalidSize as err:
-        option = str(err).split("=", 1)[0].replace("_", "-")
-        raise ConfigError(f"--{option}: {err}") from None
+        raise ConfigError(f"{where(str(err).split('=', 1)[0])}: {err}") from None
     if values["source"] == "etcd":
         for needed in ("etcd_endpoints", "etcd_prefix"):
             if values[needed] is None:
@@ -334,5 +401,5 @@ def parse(argv: list[str] | None = None) -> Config:
                 "is set, and a guessed path in a directory others may write (such as /tmp) could be "
                 "taken by anyone: pass --socket PATH, in a directory only the daemon's user can write")
     if len(values["socket"].encode()) > 107:
-        raise ConfigError(f"--socket: {values['socket']!r} is longer than a Unix socket path may be")
+        raise ConfigError(f"{where('socket')}: {values['socket']!r} is longer than a Unix socket path may be")
     return Config(**values)

@@ -25,6 +25,7 @@ from .exceptions import (
 
 __all__ = [
     "FRAME_HEADER",
+    "MIN_FRAME_BYTES",
     "Op",
     "Request",
     "Status",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 FRAME_HEADER = struct.Struct("!I")  # payload bytes
+#: every daemon takes request frames (payloads) of this many bytes: its
+#: --max-frame-bytes may not be less, so a client need not ask before sending one
+MIN_FRAME_BYTES = 64 << 10
 KEYED = struct.Struct("!BQH")  # opcode, rv (0: next), key bytes; then key [, value]
 BATCH = struct.Struct("!BI")  # opcode, item count; then items
 BATCH_ITEM = struct.Struct("!BHI")  # kind (PUT or DELETE), key bytes, value bytes; key, value

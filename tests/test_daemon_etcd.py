@@ -39,16 +39,16 @@ def eventually(what: str, check: Callable[[], Any]) -> Any:
 
 
 @contextmanager
-def mirroring(etcd: EtcdServer, tmp_path: Path, *extra: str) -> Iterator[Daemon]:
-    with mirroring_url(etcd.url, tmp_path, *extra) as d:
+def mirroring(etcd: EtcdServer, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    with mirroring_url(etcd.url, tmp_path, *extra, env=env) as d:
         yield d
 
 
 @contextmanager
-def mirroring_url(url: str, tmp_path: Path, *extra: str) -> Iterator[Daemon]:
+def mirroring_url(url: str, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     name = unique_name("etcd")
     with running(name, str(tmp_path / "d.sock"), tmp_path / "d.log", "--source", "etcd",
-                 "--etcd-endpoints", url, "--etcd-prefix", "/app/", *extra) as d:
+                 "--etcd-endpoints", url, "--etcd-prefix", "/app/", *extra, env=env) as d:
         yield d
 
 
@@ -83,11 +83,25 @@ def test_the_daemon_mirrors_the_prefix_and_refuses_local_writes(etcd: EtcdServer
         assert get(d.name, "local") is None
 
 
-def test_local_writes_when_allowed(etcd: EtcdServer, tmp_path: Path) -> None:
-    with mirroring(etcd, tmp_path, "--allow-local-writes", "true") as d:
+@pytest.mark.parametrize("where", ["flag", "environment", "file"])
+def test_local_writes_when_allowed(etcd: EtcdServer, tmp_path: Path, where: str) -> None:
+    """--allow-local-writes is a flag; SHMCACHED_ALLOW_LOCAL_WRITES=true and
+    allow_local_writes = true in the TOML file say the same."""
+    (tmp_path / "d.toml").write_text("allow_local_writes = true\n")
+    extra = {"flag": ["--allow-local-writes"], "environment": [],
+             "file": ["--config", str(tmp_path / "d.toml")]}[where]
+    env = {"SHMCACHED_ALLOW_LOCAL_WRITES": "true"} if where == "environment" else None
+    with mirroring(etcd, tmp_path, *extra, env=env) as d:
         assert d.name is not None and d.socket is not None
         with Producer(d.socket) as p:
             assert p.put("local", b"yes") > 0
+
+
+def test_keep_prefix_flag(etcd: EtcdServer, tmp_path: Path) -> None:
+    etcd.put(b"/app/kept", b"1")
+    with mirroring(etcd, tmp_path, "--etcd-keep-prefix") as d:
+        name, _ = listed(d, "/app/kept")
+        assert get(name, "kept") is None
 
 
 def test_etcd_dies_and_comes_back_without_a_gap(etcd: EtcdServer, tmp_path: Path) -> None:
