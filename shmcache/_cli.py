@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from ._demo import run_daemon_demo, run_direct_demo
-from ._events import Event, Item
+from ._events import Event, EventType, Item
 from ._inspect import status_of
 from ._layout import check_name
 from ._producer import Producer, socket_path_of
@@ -82,7 +82,9 @@ output (-o json: for scripts; human: the default):
   get, list      json: {"rv": SNAPSHOT_RV, "items": [{"key", "rv", VALUE}, ...]}
                  (get: the one item {"key", "rv", VALUE}); human: a table
   watch          json: one object per line {"type", "key", "rv", VALUE};
-                 human: one line per event: TYPE KEY RV VALUE
+                 human: one line per event: TYPE KEY RV VALUE; after a relist
+                 first {"type": "RELIST", "rv"} (human: a RELIST line), see
+                 shmcache watch --help
   put, delete    json: {"op", "key", "rv"}; human: one line
   status         json: one object; human: one field per line
   VALUE is "value": TEXT when the value is valid UTF-8, else "value_b64":
@@ -374,18 +376,60 @@ def cmd_list(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+class _WatchOutput:
+    """The events of a watch on stdout, and what a consumer that applies
+    them in order holds: each key printed and not deleted since, with its
+    last value.  A relist prints a RELIST marker, a DELETED event for each
+    key so held that the new list lacks (deleted during the gap, whose
+    events were lost), then the new list: a consumer that only applies
+    events ends up exact, one that replaces its state at the marker too."""
+
+    def __init__(self, json_out: bool) -> None:
+        self.json_out = json_out
+        self.held: dict[str, bytes] = {}
+
+    def event(self, event: Event) -> None:
+        self._line(_dumps(_event_json(event)) if self.json_out else _event_line(event))
+        if event.type is EventType.DELETED:
+            self.held.pop(event.key, None)
+        else:
+            self.held[event.key] = event.value
+
+    def relist(self, reader: Reader, prefix: str) -> int:
+        """List again; the new list's resource version, to watch from."""
+        snapshot = reader.list(prefix)
+        rv = snapshot.rv
+        if self.json_out:
+            self._line(_dumps({"type": "RELIST", "rv": rv}))
+        else:
+            self._line(f"{'RELIST':<8} listed again at rv {rv}: what follows replaces what came before")
+        listed = {item.key for item in snapshot.items}
+        for key in sorted(self.held.keys() - listed):
+            self.event(Event(EventType.DELETED, key, self.held[key], rv))
+        for item in snapshot.items:  # at the list's rv, as the first list's items
+            self.event(Event(EventType.ADDED, item.key, item.value, rv))
+        return rv
+
+    @staticmethod
+    def _line(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     _check_prefix(args.prefix)
     since: int = args.since
-    json_out = args.output == "json"
-    write = sys.stdout.write
+    out = _WatchOutput(args.output == "json")
+    relist = False
     try:
         with Reader(args.name, owner=args.owner) as reader:
             while True:
                 try:
+                    if relist:
+                        since = out.relist(reader, args.prefix)
+                        relist = False
                     for event in reader.watch(since, prefix=args.prefix, timeout=args.timeout):
-                        write((_dumps(_event_json(event)) if json_out else _event_line(event)) + "\n")
-                        sys.stdout.flush()
+                        out.event(event)
                         since = event.rv
                     return Exit.OK  # --timeout passed without an event
                 except ResourceExpired as err:
@@ -393,7 +437,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         raise Failure(f"{err}; list again, or watch without --no-relist",
                                       Exit.EXPIRED) from None
                     print(f"shmcache: {err}: listing again", file=sys.stderr)
-                    since = 0
+                    relist = True
     except KeyboardInterrupt:
         return Exit.OK
 
@@ -575,9 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_list)
 
     p = command("watch", "stream changes", "List the keys under PREFIX as ADDED events, then "
-                "print every change as it happens, until Ctrl-C (like kubectl get -w).  With "
-                "--since RV: only the changes after RV.  If the watch falls behind the ring "
-                "(resource expired), it says so on stderr and lists again.")
+                "print every change as it happens, until Ctrl-C (like kubectl get -w).  The "
+                "ADDED events of a list carry the list's resource version, not each item's "
+                "(Kubernetes' rule); every later event carries its own.  With --since RV: only "
+                "the changes after RV.  If the watch falls behind the ring (resource expired), "
+                "it says so on stderr and lists again: it prints a RELIST marker "
+                '({"type": "RELIST", "rv": N} with -o json, a line starting RELIST in human '
+                "output), then a DELETED event at rv N for each key it printed that the new "
+                "list lacks (deleted while events were missed; with its last value printed), "
+                "then the new list as ADDED events at rv N.  Applying the events in order keeps "
+                "a copy of what the watch printed exact; a copy that also holds keys from "
+                "elsewhere (--since) must be replaced at the marker.")
     p.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
     p.add_argument("--since", metavar="RV", type=_rv, default=0,
                    help="print the changes after resource version RV (default 0: list first)")

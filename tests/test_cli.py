@@ -443,8 +443,66 @@ def test_watch_relists_after_expiry(name: str) -> None:
         assert result.rc == 0, result
         assert "too old resource version: 1" in result.err and "listing again" in result.err
         events = [json.loads(line) for line in result.out.splitlines()]
-        assert events == [{"type": "ADDED", "key": k, "rv": 10, "value": v}
-                          for k, v in (("k0", "v9"), ("k1", "v7"), ("k2", "v8"))]
+        # the consumer's state at --since is unknown here: the marker says "replace it"
+        assert events == [{"type": "RELIST", "rv": 10}] + [
+            {"type": "ADDED", "key": k, "rv": 10, "value": v}
+            for k, v in (("k0", "v9"), ("k1", "v7"), ("k2", "v8"))]
+
+
+def _stopped(pid: int) -> None:
+    """Wait until process ``pid`` is stopped (SIGSTOP delivered)."""
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_a_relist_reports_the_keys_deleted_during_the_gap(name: str, watches: list[Watch],
+                                                          output: str) -> None:
+    with Writer(name, capacity=4, arena_bytes=4096, max_keys=64, store_bytes=1 << 16) as w:
+        w.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])  # rv 3
+        watch = Watch("--name", name, "-o", output)
+        watches.append(watch)
+        first = [watch.line() for _ in range(3)]
+        # stopped, it misses more events than the ring holds: b's deletion among them
+        watch.proc.send_signal(signal.SIGSTOP)
+        _stopped(watch.proc.pid)
+        w.delete("b")
+        for i in range(8):
+            w.put("c", b"c%d" % i)
+        rv = w.put("d", b"4")
+        assert rv - 3 > 4  # more events since the watch's rv 3 than the ring holds
+        watch.proc.send_signal(signal.SIGCONT)
+        relisted = [watch.line() for _ in range(5)]
+        w.put("e", b"5")
+        after = watch.line()
+    assert watch.finish() == 3  # the Writer closed the cache
+    assert "listing again" in "".join(watch.err)
+    if output == "json":
+        assert [json.loads(line) for line in first] == [
+            {"type": "ADDED", "key": k, "rv": 3, "value": v} for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]
+        assert [json.loads(line) for line in relisted] == [
+            {"type": "RELIST", "rv": rv},
+            {"type": "DELETED", "key": "b", "rv": rv, "value": "2"},  # its last value printed
+            {"type": "ADDED", "key": "a", "rv": rv, "value": "1"},
+            {"type": "ADDED", "key": "c", "rv": rv, "value": "c7"},
+            {"type": "ADDED", "key": "d", "rv": rv, "value": "4"}]
+        assert json.loads(after) == {"type": "ADDED", "key": "e", "rv": rv + 1, "value": "5"}
+    else:
+        assert [line.split() for line in first] == [["ADDED", k, "3", v] for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]
+        assert relisted[0].startswith(f"RELIST   listed again at rv {rv}")
+        assert [line.split() for line in relisted[1:]] == [
+            ["DELETED", "b", str(rv), "2"], ["ADDED", "a", str(rv), "1"],
+            ["ADDED", "c", str(rv), "c7"], ["ADDED", "d", str(rv), "4"]]
+        assert after.split() == ["ADDED", "e", str(rv + 1), "5"]
+
+
+def test_watch_help_documents_the_relist_and_the_lists_rv() -> None:
+    text = " ".join(ok("watch", "--help").out.split())
+    assert '{"type": "RELIST", "rv": N}' in text and "DELETED event at rv N" in text
+    assert "carry the list's resource version, not each item's (Kubernetes' rule)" in text
+    assert '{"type": "RELIST", "rv"}' in " ".join(ok("--help").out.split())
 
 
 def test_watch_exits_3_when_the_cache_closes(name: str, watches: list[Watch]) -> None:
