@@ -87,6 +87,9 @@ output (-o json: for scripts; human: the default):
                  shmcache watch --help
   put, delete    json: {"op", "key", "rv"}; human: one line
   status         json: one object; human: one field per line
+  demo           json: one object, its figures: {"ok", "demo", "name", "events",
+                 "seconds", "events_per_s", "readers": [...], ...}; human: a
+                 line per step
   VALUE is "value": TEXT when the value is valid UTF-8, else "value_b64":
   BASE64 of its bytes.  Human output shows printable UTF-8 as it is and
   escapes any other value: \\xNN for a byte that is not UTF-8, \\n \\t \\r,
@@ -506,15 +509,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------
 
 
+def _quiet(line: str) -> None:
+    """The progress lines of a demo whose output is its JSON summary."""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.name:  # before a daemon is started for it, as for every other command
+        check_name(args.name)
+    json_out = args.output == "json"
+    say = _quiet if json_out else print
     if args.direct:
         result = run_direct_demo(readers=args.readers, events=args.events, batch=args.batch,
-                                 capacity=args.capacity, name=args.name)
+                                 capacity=args.capacity, name=args.name, say=say)
     else:
         result = run_daemon_demo(readers=args.readers, producers=args.producers, events=args.events,
-                                 batch=args.batch, capacity=args.capacity, name=args.name)
-    if result.ok:
+                                 batch=args.batch, capacity=args.capacity, name=args.name, say=say)
+    if json_out:
+        print(_dumps({"ok": result.ok, **result.summary}))
+    elif result.ok:
         print("all checks held")
+    if result.ok:
         return Exit.OK
     print("A CHECK FAILED", file=sys.stderr)
     return Exit.FAILED

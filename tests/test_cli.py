@@ -640,3 +640,27 @@ def test_demo_with_a_daemon(name: str) -> None:
     assert out.count("0 bad; final list()") == 2
     assert "exit status 0; segment, semaphore and socket removed" in out
     assert out.endswith("all checks held\n")
+
+
+@pytest.mark.parametrize("how", ["direct", "daemon"])
+def test_demo_json_is_one_summary_object(name: str, how: str) -> None:
+    args = ["demo", "--name", name, "--events", "2000", "--readers", "2", "--capacity", "64", "-o", "json"]
+    summary = json.loads(ok(*args, *(["--direct"] if how == "direct" else ["--producers", "2"])).out)
+    assert summary["ok"] is True and summary["demo"] == how and summary["name"] == name
+    assert summary["events"] == 2000 and summary["errors"] == []
+    assert summary["seconds"] >= 0 and summary["events_per_s"] >= 0
+    assert [r["index"] for r in summary["readers"]] == [0, 1]
+    for reader in summary["readers"]:
+        assert reader["bad"] == 0 and reader["final_keys"] == 1002
+        assert reader["final_rv"] == 2002  # the start key, the events, the stop key
+    if how == "daemon":
+        assert [p["events"] for p in summary["producers"]] == [1000, 1000]
+        assert summary["daemon"]["exit_status"] == 0 and summary["daemon"]["left_behind"] == []
+        assert summary["daemon"]["rv"] == 2002
+    else:
+        assert summary["last_rv"] == 2002
+
+
+def test_demo_rejects_an_invalid_name_before_starting_anything() -> None:
+    result = cli("demo", "--name", "no/slashes", "-o", "json")
+    assert result.rc == 2 and result.out == "" and "name" in result.err, result
