@@ -682,6 +682,10 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "source": self.config.source,
             "upstream": self.upstream.state() if self.upstream is not None else None,
+            # the limits a Producer checks before sending (docs/protocol.md, "Frames")
+            "max_frame_bytes": self.config.max_frame_bytes,
+            "arena_bytes": self.writer.geometry.arena_bytes,
+            "max_record_bytes": self.writer.geometry.max_record,
         }
 
     def _status(self) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _protocol as proto
-from ._layout import check_name
+from ._layout import Geometry, check_name
 from ._reader import Reader
 from ._trust import OwnerSpec, TrustedOwners, trusted_owners
 from ._writer import ValueLike, _as_bytes, check_rv, encode_key
@@ -23,6 +23,7 @@ from .exceptions import (
     CacheNotTrusted,
     DaemonUnavailable,
     ProtocolError,
+    ValueTooLarge,
 )
 
 __all__ = ["Producer", "socket_path_of"]
@@ -36,10 +37,16 @@ def socket_path_of(name: str, owners: TrustedOwners) -> str:
     otherwise).  DaemonUnavailable if the header cannot be read here or
     names no socket: a producer never guesses a path, since whoever listens
     at a guessed one would receive its writes."""
+    return _header_of(name, owners)[0]
+
+
+def _header_of(name: str, owners: TrustedOwners) -> tuple[str, Geometry]:
+    """socket_path_of's socket, and the cache's geometry from the same header."""
     hint = "; pass the daemon's socket path instead of the cache name"
     try:
         with Reader(name, owner=owners.uids) as reader:
             recorded = reader.socket_path
+            geometry = reader.geometry
     except (CacheNotFound, CacheClosed, CacheCorrupted) as err:
         raise DaemonUnavailable(f"cannot find the daemon of cache {name!r}: {err}{hint}") from err
     except CacheNotTrusted:
@@ -50,7 +57,19 @@ def socket_path_of(name: str, owners: TrustedOwners) -> str:
     if not recorded:
         raise DaemonUnavailable(f"cache {name!r} has no daemon socket in its header "
                                 f"(it is not served by shmcached){hint}")
-    return recorded
+    return recorded, geometry
+
+
+def check_value_size(raw: bytes, data: bytes, arena_bytes: int, max_record: int) -> None:
+    """ValueTooLarge, as ``Writer._check_value`` raises it, for a key and
+    value that no cache of this geometry can ever take."""
+    n = len(raw) + len(data)
+    if n > arena_bytes:
+        raise ValueTooLarge(f"key + value are {n} bytes; the ring arena holds {arena_bytes}")
+    size = (n + 31) & ~7  # sc_record_size: 24-byte header, padded to 8
+    if size > max_record:
+        raise ValueTooLarge(f"store record of {size} bytes exceeds the largest one this cache takes "
+                            f"({max_record} bytes: half of store_bytes)")
 
 
 class Producer:
@@ -68,15 +87,33 @@ class Producer:
     reached or the connection breaks (the request may then have been
     applied or not).  ``timeout`` bounds each request, in seconds.  Safe to
     share between threads (requests are serialised).
+
+    A value too large for the cache, or a request too large for the daemon's
+    ``--max-frame-bytes``, raises ValueTooLarge before anything is sent, and
+    the Producer stays usable (the daemon would close the connection on a
+    frame over its limit).  The limits: every daemon takes frames of up to
+    64 KiB (``MIN_FRAME_BYTES``), so smaller requests go out unchecked
+    against the frame limit; before the first larger one, the Producer asks
+    the daemon once (STATS: ``max_frame_bytes``, ``arena_bytes``,
+    ``max_record_bytes``) and keeps the answer.  Opened by cache name, it
+    also checks every value against the geometry in the segment's header from
+    the start, with Writer's messages; opened by socket path, a too-large
+    value in a small request is refused by the daemon (the same
+    ValueTooLarge, the connection kept).
     """
 
     def __init__(self, name_or_path: str = "default", *, timeout: float = 10.0,
                  owner: OwnerSpec | None = None) -> None:
         owners = trusted_owners(owner)
+        # (arena_bytes, max_record) of the cache, and the daemon's frame limit: see the class docstring
+        self._geometry: tuple[int, int] | None = None
+        self._max_frame: int | None = None
+        self._limits_asked = False
         if "/" in name_or_path:
             self.path = name_or_path
         else:
-            self.path = socket_path_of(check_name(name_or_path), owners)
+            self.path, geometry = _header_of(check_name(name_or_path), owners)
+            self._geometry = (geometry.arena_bytes, geometry.max_record)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         deadline = time.monotonic() + timeout
@@ -111,9 +148,16 @@ class Producer:
     # ---- requests ------------------------------------------------------
 
     def put(self, key: str, value: ValueLike, *, rv: int | None = None) -> int:
-        """Set ``key``; the event's resource version."""
+        """Set ``key``; the event's resource version.  ValueTooLarge, nothing
+        sent, for a value the cache or the daemon's frame limit cannot take."""
         raw = encode_key(key)
-        return self._call(proto.encode_keyed(proto.Op.PUT, raw, _as_bytes(value), check_rv(rv)))[0]
+        data = _as_bytes(value)
+        self._check_values([(raw, data)])
+        request = proto.encode_keyed(proto.Op.PUT, raw, data, check_rv(rv))
+        if self._over_limits(request, [(raw, data)]):
+            raise ValueTooLarge(f"a put of {len(raw) + len(data)} bytes of key and value makes a request "
+                                f"of {self._payload(request)} bytes; {self._frame_limit_text()}")
+        return self._call(request)[0]
 
     def delete(self, key: str, *, rv: int | None = None) -> int:
         """Remove ``key`` (KeyError if absent); the event's resource version."""
@@ -122,14 +166,28 @@ class Producer:
 
     def put_many(self, items: Iterable[tuple[str, ValueLike | None]]) -> int:
         """Apply the pairs under one lock hold (None deletes), validated as a
-        whole; the last resource version."""
+        whole; the last resource version.  ValueTooLarge, nothing sent, for
+        a value the cache cannot take or a batch over the daemon's frame
+        limit (split it)."""
         batch: list[tuple[bytes, bytes | None]] = []
+        puts: list[tuple[bytes, bytes]] = []
         for item in items:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise TypeError(f"put_many items are (key, value) pairs, not {item!r:.60}")
             key, value = item
-            batch.append((encode_key(key), None if value is None else _as_bytes(value)))
-        return self._call(proto.encode_batch(batch))[0]
+            raw = encode_key(key)
+            if value is None:
+                batch.append((raw, None))
+            else:
+                data = _as_bytes(value)
+                self._check_values([(raw, data)])  # item by item, as Writer: the first bad one is reported
+                batch.append((raw, data))
+                puts.append((raw, data))
+        request = proto.encode_batch(batch)
+        if self._over_limits(request, puts):
+            raise ValueTooLarge(f"a batch of {len(batch)} items makes a request of {self._payload(request)} "
+                                f"bytes; {self._frame_limit_text()}: split it")
+        return self._call(request)[0]
 
     def ping(self) -> int:
         """The cache's current resource version, from the daemon."""
@@ -140,6 +198,43 @@ class Producer:
         body = self._call(proto.encode_simple(proto.Op.STATS))[1]
         result: dict[str, Any] = json.loads(body)
         return result
+
+    # ---- limits --------------------------------------------------------
+
+    def _check_values(self, puts: list[tuple[bytes, bytes]]) -> None:
+        if self._geometry is not None:
+            for raw, data in puts:
+                check_value_size(raw, data, *self._geometry)
+
+    def _over_limits(self, request: bytes, puts: list[tuple[bytes, bytes]]) -> bool:
+        """Whether ``request`` exceeds the daemon's frame limit, asking the
+        daemon for its limits first if the request is larger than every
+        daemon takes; ValueTooLarge for a value its geometry refuses."""
+        if self._payload(request) <= proto.MIN_FRAME_BYTES:
+            return False
+        if not self._limits_asked:
+            self._ask_limits()
+            self._check_values(puts)  # the daemon's geometry, if this Producer had none
+        return self._max_frame is not None and self._payload(request) > self._max_frame
+
+    def _ask_limits(self) -> None:
+        figures = self.stats()
+        self._limits_asked = True
+        # a daemon older than these keys leaves the limit unknown: it refuses a frame over it itself
+        limit = figures.get("max_frame_bytes")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            self._max_frame = limit
+        arena, record = figures.get("arena_bytes"), figures.get("max_record_bytes")
+        if isinstance(arena, int) and isinstance(record, int):
+            # the daemon's own geometry wins over a header read before connecting
+            self._geometry = (arena, record)
+
+    @staticmethod
+    def _payload(request: bytes) -> int:
+        return len(request) - proto.FRAME_HEADER.size
+
+    def _frame_limit_text(self) -> str:
+        return f"the daemon at {self.path} takes requests of at most {self._max_frame} bytes (its --max-frame-bytes)"
 
     # ---- plumbing ------------------------------------------------------
 
@@ -185,6 +280,9 @@ class Producer:
             self._sock = None
 
     def close(self) -> None:
+        """Close the connection to the daemon (idempotent); later requests
+        raise DaemonUnavailable.  A request in progress in another thread
+        gets its reply first: requests and close share one lock."""
         with self._lock:
             self._close_locked()
 

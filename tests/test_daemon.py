@@ -46,7 +46,6 @@ from shmcache import (
     InvalidResourceVersion,
     Item,
     Producer,
-    ProtocolError,
     Reader,
     Snapshot,
     ValueTooLarge,
@@ -72,6 +71,7 @@ from ._daemon_helpers import (
     NotifyListener,
     Served,
     as_dict,
+    at_eof,
     batch,
     child,
     connect,
@@ -501,7 +501,7 @@ def test_a_file_that_is_not_a_socket_is_not_removed(name: str, tmp_path: Path) -
 # ==== 5. configuration ========================================================
 
 CONFIG_ERRORS = [
-    # (id, extra argv, extra env, TOML text, the option the message names)
+    # (id, extra argv, extra env, TOML text, how the message starts: the option or variable it names)
     ("capacity-0", ["--capacity", "0"], {}, None, "--capacity"),
     ("mode-999", ["--mode", "999"], {}, None, "--mode"),
     ("socket-mode-x", ["--socket-mode", "rw"], {}, None, "--socket-mode"),
@@ -509,14 +509,19 @@ CONFIG_ERRORS = [
     ("toml-syntax", [], {}, "capacity = = 64\n", "--config"),
     ("toml-wrong-type", [], {}, "capacity = 1.5\n", "--capacity"),
     ("toml-bool", [], {}, "max_keys = true\n", "--max-keys"),
-    ("env-max-keys-x", [], {"SHMCACHED_MAX_KEYS": "x"}, None, "--max-keys"),
-    ("env-heartbeat-0", [], {"SHMCACHED_HEARTBEAT": "0"}, None, "--heartbeat"),
+    # set in the environment: the message names the variable
+    ("env-max-keys-x", [], {"SHMCACHED_MAX_KEYS": "x"}, None, "SHMCACHED_MAX_KEYS: 'x' must be"),
+    ("env-heartbeat-0", [], {"SHMCACHED_HEARTBEAT": "0"}, None, "SHMCACHED_HEARTBEAT"),
+    ("env-unknown-variable", [], {"SHMCACHED_BOGUS": "1"}, None, "SHMCACHED_BOGUS: unknown variable"),
+    ("env-flag-word", [], {"SHMCACHED_ALLOW_LOCAL_WRITES": "maybe"}, None, "SHMCACHED_ALLOW_LOCAL_WRITES"),
+    ("toml-flag-word", [], {}, 'etcd_keep_prefix = "perhaps"\n', "--etcd-keep-prefix"),
     ("group-unknown", ["--group", "nosuchgroup"], {}, None, "--group"),
     ("allow-uid-negative", ["--allow-uid", "0,-1"], {}, None, "--allow-uid"),
     ("allow-gid-word", ["--allow-gid", "wheel"], {}, None, "--allow-gid"),
     ("log-level", ["--log-level", "loud"], {}, None, "--log-level"),
     ("client-timeout-inf", ["--client-timeout", "inf"], {}, None, "--client-timeout"),
     ("max-frame-bytes-neg", ["--max-frame-bytes", "-5"], {}, None, "--max-frame-bytes"),
+    ("max-frame-bytes-under-64k", ["--max-frame-bytes", "65535"], {}, None, "--max-frame-bytes"),
     ("bad-name", ["--name", "no/slashes"], {}, None, "--name"),
     ("socket-too-long", ["--socket", "/tmp/" + "s" * 120], {}, None, "--socket"),
     ("config-missing", ["--config", "/nonexistent/shmcached.toml"], {}, None, "--config"),
@@ -605,15 +610,101 @@ def test_socket_in_a_missing_directory_fails_cleanly(name: str, tmp_path: Path) 
 # (more of it, and clients that stall, flood or fuzz: tests/stress/test_hostile_producers.py)
 
 
-def test_producer_sending_a_frame_over_the_limit_gets_frame_too_large(served: Served) -> None:
-    """The daemon answers FRAME_TOO_LARGE without reading the payload; a
-    Producer must report that reply, whatever the size of what it sent."""
-    for size in (MAX_FRAME, 4 << 20):
-        with Producer(served.sock) as p:
-            with pytest.raises(ProtocolError) as err:
-                p.put("big", b"v" * size)
-            assert err.value.status == FRAME_TOO_LARGE, f"{size}-byte value: {err.value!r}"
+def test_a_frame_over_the_limit_gets_frame_too_large_and_the_connection_closed(served: Served) -> None:
+    """The daemon answers FRAME_TOO_LARGE at the length prefix, without
+    reading the payload, and closes the connection."""
+    with connect(served.sock) as s:
+        s.sendall(struct.pack("!I", MAX_FRAME + 1) + bytes([2]))
+        reply = read_reply(s)
+        assert reply is not None and reply[:2] == (FRAME_TOO_LARGE, 0), reply
+        assert at_eof(s)
     served.assert_unchanged()
+
+
+def test_stats_carries_the_limits_a_producer_checks(served: Served) -> None:
+    figures = served.producer.stats()  # its keys against docs/protocol.md: tests/test_docs.py
+    assert (figures["max_frame_bytes"], figures["arena_bytes"], figures["max_record_bytes"]) == (
+        MAX_FRAME, 65536, 1048576 // 2)
+
+
+def _rejected(served: Served) -> int:
+    n: int = served.producer.stats()["rejected"]
+    return n
+
+
+@pytest.mark.parametrize("served", [["--arena-bytes", str(1 << 20), "--max-frame-bytes", "65536"]],
+                         indirect=True)
+@pytest.mark.parametrize("by", ["name", "path"])
+def test_producer_refuses_a_request_over_the_frame_limit_and_stays_usable(served: Served, by: str) -> None:
+    """A 100 KB value fits this cache (1 MiB arena, 512 KiB records) but not
+    a 64 KiB frame: ValueTooLarge, nothing sent, and the next request works."""
+    rejected = _rejected(served)
+    assert served.daemon.name is not None
+    with Producer(served.daemon.name if by == "name" else served.sock) as p:
+        for _ in range(2):
+            with pytest.raises(ValueTooLarge, match=r"request of 100012 bytes; the daemon at .* takes requests "
+                                                    r"of at most 65536 bytes \(its --max-frame-bytes\)"):
+                p.put("k", b"v" * 100_000)
+        with pytest.raises(ValueTooLarge, match=r"^a batch of 100 items makes a request of \d+ bytes; .*"
+                                                r"65536 bytes .*: split it$"):
+            p.put_many([(f"k{i}", b"v" * 1000) for i in range(100)])
+        assert _rejected(served) == rejected, "a refused request was sent"
+        served.assert_unchanged()
+        rv = served.snapshot.rv
+        assert p.put("k", b"v" * 60_000) == rv + 1  # a frame under the limit, on the same connection
+        assert p.put_many([(f"k{i}", b"v" * 1000) for i in range(50)]) == rv + 51
+
+
+def test_producer_asks_the_daemon_for_its_limits_once(served: Served) -> None:
+    before = served.producer.stats()["requests"]
+    with Producer(served.sock) as p:
+        for _ in range(3):
+            with pytest.raises(ValueTooLarge):
+                p.put("k", b"v" * 200_000)
+        p.put("small", b"v")  # under 64 KiB: sent without asking
+    # one STATS from p, one PUT, and the STATS of this line
+    assert served.producer.stats()["requests"] == before + 3
+
+
+@pytest.mark.parametrize("served", [["--arena-bytes", str(1 << 20), "--store-bytes", "65536"]], indirect=True)
+def test_producer_refuses_what_the_cache_can_never_hold_as_a_writer_does(served: Served) -> None:
+    """Records of at most 32 KiB (half of --store-bytes 64 KiB).  Opened by
+    name, a Producer knows that from the segment's header and sends nothing;
+    by socket path, a small request goes out and the daemon's Writer refuses
+    it, with the same exception and message, the connection kept; a large
+    one is checked against the limits the daemon reported."""
+    assert served.daemon.name is not None
+    rejected = _rejected(served)
+    value = b"v" * 40_000
+    with Producer(served.daemon.name) as by_name, Producer(served.sock) as by_path:
+        with pytest.raises(ValueTooLarge) as local:
+            by_name.put("k", value)
+        with pytest.raises(ValueTooLarge) as batched:
+            by_name.put_many([("new", b"v"), ("k", value), ("", b"v")])  # the first bad item, as a Writer
+        assert _rejected(served) == rejected, "sent although the header told the limit"
+        with pytest.raises(ValueTooLarge) as remote:
+            by_path.put("k", value)
+        assert _rejected(served) == rejected + 1
+        assert str(local.value) == str(batched.value) == str(remote.value)
+        assert "store record of 40032 bytes exceeds the largest one this cache takes (32768 bytes" in str(local.value)
+        with pytest.raises(ValueTooLarge, match="store record of 200032 bytes"):
+            by_path.put("k", b"v" * 200_000)  # over 64 KiB: the daemon's limits, then nothing sent
+        assert _rejected(served) == rejected + 1
+        served.assert_unchanged()
+        assert by_name.put("k", b"v" * 30_000) == served.snapshot.rv + 1
+        assert by_path.put("k2", b"v") == served.snapshot.rv + 2
+
+
+def test_producer_by_name_refuses_a_value_over_the_arena_without_sending(served: Served) -> None:
+    assert served.daemon.name is not None
+    rejected = _rejected(served)
+    with Producer(served.daemon.name) as p:
+        for size in (65_536, 70_000, 4 << 20):
+            with pytest.raises(ValueTooLarge, match=f"^key \\+ value are {size + 1} bytes; the ring arena "
+                                                    f"holds 65536$"):
+                p.put("k", b"v" * size)
+        assert _rejected(served) == rejected
+        assert p.put("k", b"v" * 60_000) == served.snapshot.rv + 1
 
 
 def test_unknown_opcode_keeps_the_connection(served: Served) -> None:
