@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import tomllib
 import zipfile
@@ -72,11 +73,10 @@ def _run(args: list[str | Path], cwd: Path, timeout: float) -> str:
 
 
 def _install(artifact: Path, venv: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        f"{sys.executable} -m venv {venv} && {venv}/bin/python -m pip install -q {artifact}",
-        shell=True, cwd=venv.parent, env=_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    _run([sys.executable, "-m", "venv", venv], cwd=venv.parent, timeout=120)
+    return subprocess.Popen([venv / "bin" / "python", "-m", "pip", "install", "-q", artifact],
+                            cwd=venv.parent, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_native_stub_is_current() -> None:
@@ -87,8 +87,14 @@ def test_native_stub_is_current() -> None:
 
 
 @pytest.mark.slow
-def test_sdist_and_wheel_install_and_run(tmp_path: Path, name: str) -> None:
+def test_sdist_and_wheel_install_and_run(name: str) -> None:
     pytest.importorskip("build", reason="needs the 'build' package (the test extra)")
+    # not tmp_path: pytest keeps the last runs', and two venvs are ~100 MB
+    with tempfile.TemporaryDirectory(prefix="shmcache-release-") as tmp:
+        _build_install_smoke(Path(tmp), name)
+
+
+def _build_install_smoke(tmp_path: Path, name: str) -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     dist = tmp_path / "dist"
     # without --sdist/--wheel, build makes the sdist, then the wheel from it
@@ -110,9 +116,15 @@ def test_sdist_and_wheel_install_and_run(tmp_path: Path, name: str) -> None:
     # both at once: the sdist's install compiles while the wheel's only copies
     installs = {artifact: _install(artifact, tmp_path / f"venv-{kind}")
                 for kind, artifact in (("sdist", sdist), ("wheel", wheel))}
-    for artifact, proc in installs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"installing {artifact.name} failed:\n{out}"
+    try:
+        for artifact, proc in installs.items():
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"installing {artifact.name} failed:\n{out}"
+    finally:
+        for proc in installs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     for kind in ("sdist", "wheel"):
         venv = tmp_path / f"venv-{kind}"
