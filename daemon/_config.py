@@ -21,7 +21,13 @@ from typing import Any
 from shmcache import __version__
 from shmcache import _protocol as proto
 from shmcache._layout import Geometry, check_name
-from shmcache._writer import MAX_RV
+from shmcache._rules import (
+    DEFAULT_ARENA_BYTES,
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_KEYS,
+    DEFAULT_STORE_BYTES,
+    MAX_RV,
+)
 from shmcache.exceptions import InvalidSize
 
 __all__ = ["Config", "ConfigError", "default_socket_path", "parse"]
@@ -195,10 +201,10 @@ class Option:
 
 OPTIONS = [
     Option("name", "default", _name, "the cache to own (env SHMCACHE_NAME too)"),
-    Option("capacity", 4096, _positive_int, "ring capacity, in events"),
-    Option("arena-bytes", 16 << 20, _positive_int, "ring payload arena, in bytes"),
-    Option("max-keys", 65536, _positive_int, "store capacity, in keys"),
-    Option("store-bytes", 64 << 20, _positive_int, "store capacity, in record bytes (the heap is twice that)"),
+    Option("capacity", DEFAULT_CAPACITY, _positive_int, "ring capacity, in events"),
+    Option("arena-bytes", DEFAULT_ARENA_BYTES, _positive_int, "ring payload arena, in bytes"),
+    Option("max-keys", DEFAULT_MAX_KEYS, _positive_int, "store capacity, in keys"),
+    Option("store-bytes", DEFAULT_STORE_BYTES, _positive_int, "store capacity, in record bytes (the heap is twice that)"),
     Option("mode", 0o640, _segment_mode,
            "permission bits of the segment and semaphore, octal; no group or world write bit"),
     Option("group", None, _group, "group owning the segment, semaphore and socket (default: the daemon's)"),

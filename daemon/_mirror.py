@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 
 from shmcache import CacheCorrupted, Writer
+from shmcache._rules import MAX_KEY_BYTES
 
 from ._etcd import KeyValue, WatchEvent, WatchResponse
 
@@ -73,7 +74,7 @@ class Mirror:
             key = raw.decode()
         except UnicodeDecodeError:
             key = ""
-        if not key or len(raw) > 1024 or not etcd_key.startswith(self.prefix):
+        if not key or len(raw) > MAX_KEY_BYTES or not etcd_key.startswith(self.prefix):
             self.skipped_keys += 1
             if etcd_key not in self._warned and len(self._warned) < 1000:
                 self._warned.add(etcd_key)

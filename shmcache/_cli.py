@@ -28,9 +28,10 @@ from ._events import Event, EventType, Item
 from ._inspect import status_of
 from ._layout import check_name
 from ._producer import Producer, socket_path_of
-from ._reader import Reader, encode_prefix
+from ._reader import Reader
+from ._rules import encode_key, encode_prefix
 from ._trust import trusted_owners
-from ._writer import Writer, encode_key
+from ._writer import Writer
 from .exceptions import (
     CacheClosed,
     CacheNotFound,
@@ -358,11 +359,9 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _check_prefix(prefix: str) -> None:
-    """A bad prefix is a usage error, whatever the cache's state."""
-    try:
-        encode_prefix(prefix)
-    except UnicodeEncodeError as err:  # an argument that was not UTF-8
-        raise InvalidKey(f"prefix {prefix!r} is not encodable as UTF-8: {err.reason}") from err
+    """A bad prefix (an argument that was not UTF-8, say) is a usage error,
+    whatever the cache's state."""
+    encode_prefix(prefix)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 
 from ._entries import segment_path
+from ._layout import creator_of
 from ._owner import Liveness, ProcessIdentity, judge
 from ._producer import Producer
 from ._reader import Reader
@@ -98,8 +99,7 @@ def status_of(name: str, trust: OwnerSpec | None = None) -> dict[str, Any]:
         oldest = reader.oldest_resource_version
         ring_events, ring_bytes = reader.ring_usage()
         cap = g.capacity
-        owner = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
-                                int(h.creator_pidns), int(h.creator_boot))
+        owner = creator_of(h)
         heartbeat = reader.heartbeat_age
         status: dict[str, Any] = {
             "name": name,

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._entries import create_file, open_file, segment_path
 from ._native import ffi, lib
+from ._owner import ProcessIdentity
 from ._trust import TrustedOwners
 from .exceptions import CacheCorrupted, CacheNotFound, InvalidName, InvalidSize
 
@@ -26,10 +27,10 @@ __all__ = [
     "HEADER_BYTES",
     "LAYOUT_VERSION",
     "MAGIC",
-    "MAX_KEY_BYTES",
     "Geometry",
     "Mapping",
     "check_name",
+    "creator_of",
     "create_segment",
     "open_segment",
 ]
@@ -39,7 +40,6 @@ LAYOUT_VERSION = 2
 HEADER_BYTES = ffi.sizeof("struct sc_header")
 SLOT_BYTES = ffi.sizeof("struct sc_slot")
 INDEX_ENTRY_BYTES = ffi.sizeof("struct sc_index_entry")
-MAX_KEY_BYTES = lib.SC_MAX_KEY_BYTES
 PAGE = mmap.PAGESIZE
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
@@ -68,6 +68,13 @@ def check_name(name: object) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def creator_of(header: Any) -> ProcessIdentity:
+    """The identity of the process that created the segment, as its header
+    (a ``struct sc_header`` cdata, or a copy of one) records it."""
+    return ProcessIdentity(int(header.creator_pid), int(header.creator_start_ticks),
+                           int(header.creator_pidns), int(header.creator_boot))
 
 
 def _align(n: int, to: int) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 from . import _protocol as proto
 from ._layout import Geometry, check_name
 from ._reader import Reader
+from ._rules import ValueLike, as_bytes, check_rv, check_value_size, encode_key
 from ._trust import OwnerSpec, TrustedOwners, trusted_owners
-from ._writer import ValueLike, _as_bytes, check_rv, encode_key
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
@@ -58,18 +58,6 @@ def _header_of(name: str, owners: TrustedOwners) -> tuple[str, Geometry]:
         raise DaemonUnavailable(f"cache {name!r} has no daemon socket in its header "
                                 f"(it is not served by shmcached){hint}")
     return recorded, geometry
-
-
-def check_value_size(raw: bytes, data: bytes, arena_bytes: int, max_record: int) -> None:
-    """ValueTooLarge, as ``Writer._check_value`` raises it, for a key and
-    value that no cache of this geometry can ever take."""
-    n = len(raw) + len(data)
-    if n > arena_bytes:
-        raise ValueTooLarge(f"key + value are {n} bytes; the ring arena holds {arena_bytes}")
-    size = (n + 31) & ~7  # sc_record_size: 24-byte header, padded to 8
-    if size > max_record:
-        raise ValueTooLarge(f"store record of {size} bytes exceeds the largest one this cache takes "
-                            f"({max_record} bytes: half of store_bytes)")
 
 
 class Producer:
@@ -151,7 +139,7 @@ class Producer:
         """Set ``key``; the event's resource version.  ValueTooLarge, nothing
         sent, for a value the cache or the daemon's frame limit cannot take."""
         raw = encode_key(key)
-        data = _as_bytes(value)
+        data = as_bytes(value)
         self._check_values([(raw, data)])
         request = proto.encode_keyed(proto.Op.PUT, raw, data, check_rv(rv))
         if self._over_limits(request, [(raw, data)]):
@@ -179,7 +167,7 @@ class Producer:
             if value is None:
                 batch.append((raw, None))
             else:
-                data = _as_bytes(value)
+                data = as_bytes(value)
                 self._check_values([(raw, data)])  # item by item, as Writer: the first bad one is reported
                 batch.append((raw, data))
                 puts.append((raw, data))

@@ -15,20 +15,19 @@ from typing import Any
 
 from . import _codec
 from ._events import Event, EventType, Item, Snapshot
-from ._layout import MAX_KEY_BYTES, check_name, open_segment
+from ._layout import check_name, open_segment
 from ._native import ffi, lib
+from ._rules import encode_key, encode_prefix
 from ._trust import OwnerSpec, trusted_owners
-from ._writer import encode_key
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
-    InvalidKey,
     InvalidSize,
     ResourceExpired,
     ResourceVersionTooLarge,
 )
 
-__all__ = ["Interval", "RawBatch", "Reader", "encode_prefix"]
+__all__ = ["Interval", "RawBatch", "Reader"]
 
 _META = struct.Struct("<QIIII")
 _EVENT_TYPES = (EventType.ADDED, EventType.MODIFIED, EventType.DELETED)
@@ -67,18 +66,6 @@ _OFF_HEARTBEAT = ffi.offsetof("struct sc_header", "heartbeat_ms")
 _OFF_NOTIFY = ffi.offsetof("struct sc_header", "notify_seq")
 
 
-def _encode_prefix(prefix: object) -> bytes:
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-    raw = prefix.encode()
-    if len(raw) > MAX_KEY_BYTES:
-        raise InvalidKey(f"prefix is {len(raw)} UTF-8 bytes; keys have at most {MAX_KEY_BYTES}")
-    return raw
-
-
-#: a prefix's UTF-8 bytes (TypeError, InvalidKey): for callers that check one
-#: before opening a cache, as the command line does
-encode_prefix = _encode_prefix
 
 
 class Reader:
@@ -269,7 +256,7 @@ class Reader:
         events between the store's applied RV and the newest RV
         (docs/design.md, "list").  If the writer outruns it LIST_ATTEMPTS
         times, ResourceExpired says why."""
-        raw_prefix = _encode_prefix(prefix)
+        raw_prefix = encode_prefix(prefix)
         reason = ""
         for attempt in range(LIST_ATTEMPTS):
             result = self._try_list(raw_prefix)
@@ -409,7 +396,7 @@ class Reader:
             raise TypeError("buffer_size must be int")
         if not 1 <= buffer_size <= MAX_BUFFER_SIZE:
             raise InvalidSize(f"buffer_size={buffer_size} is out of range [1, {MAX_BUFFER_SIZE}]")
-        raw_prefix = _encode_prefix(prefix)
+        raw_prefix = encode_prefix(prefix)
         self._check_alive()
         if since_rv == 0:
             snap = self.list(prefix)

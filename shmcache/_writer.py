@@ -33,16 +33,29 @@ from ._entries import (
 from ._layout import (
     LAYOUT_VERSION,
     MAGIC,
-    MAX_KEY_BYTES,
     Geometry,
     Mapping,
     check_name,
     create_segment,
+    creator_of,
     open_segment,
 )
 from ._lock import WriterLock
 from ._native import ffi, lib
 from ._owner import Liveness, ProcessIdentity, judge, me
+from ._rules import (
+    DEFAULT_ARENA_BYTES,
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_KEYS,
+    DEFAULT_STORE_BYTES,
+    MAX_RV,
+    ValueLike,
+    as_bytes,
+    check_rv,
+    check_value_size,
+    encode_key,
+    record_size,
+)
 from ._trust import OwnerSpec, trusted_owners
 from .exceptions import (
     CacheClosed,
@@ -53,53 +66,9 @@ from .exceptions import (
     InvalidKey,
     InvalidResourceVersion,
     InvalidSize,
-    ValueTooLarge,
 )
 
-__all__ = ["Writer", "check_rv", "encode_key"]
-
-DEFAULT_CAPACITY = 4096
-DEFAULT_ARENA_BYTES = 16 << 20
-DEFAULT_MAX_KEYS = 65536
-DEFAULT_STORE_BYTES = 64 << 20
-MAX_RV = (1 << 63) - 1
-
-ValueLike = bytes | bytearray | memoryview
-
-
-def encode_key(key: object) -> bytes:
-    """The UTF-8 bytes of a valid key; TypeError or InvalidKey otherwise."""
-    if not isinstance(key, str):
-        raise TypeError(f"key must be str, not {type(key).__name__}")
-    try:
-        raw = key.encode()
-    except UnicodeEncodeError as err:
-        raise InvalidKey(f"key {key!r} is not encodable as UTF-8: {err.reason}") from err
-    if not raw:
-        raise InvalidKey("key must not be empty")
-    if len(raw) > MAX_KEY_BYTES:
-        raise InvalidKey(f"key is {len(raw)} UTF-8 bytes; at most {MAX_KEY_BYTES} are allowed")
-    return raw
-
-
-def check_rv(rv: object) -> int:
-    """0 for None ("the next one"), else a syntactically valid explicit rv;
-    whether it is greater than the current one is checked under the lock."""
-    if rv is None:
-        return 0
-    if isinstance(rv, bool) or not isinstance(rv, int):
-        raise TypeError(f"rv must be int, not {type(rv).__name__}")
-    if not 0 < rv <= MAX_RV:
-        raise InvalidResourceVersion(f"rv {rv} must be in [1, {MAX_RV}]")
-    return rv
-
-
-def _as_bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"value must be bytes-like, not {type(value).__name__}")
+__all__ = ["Writer"]
 
 
 def _now_ms() -> int:
@@ -225,7 +194,7 @@ class Writer:
         """Set ``key`` to ``value``: an ADDED event if the key was absent,
         MODIFIED otherwise.  Returns the event's resource version."""
         raw = encode_key(key)
-        data = self._check_value(raw, _as_bytes(value))
+        data = self._check_value(raw, as_bytes(value))
         want = check_rv(rv)
         g = self.geometry
         with self._thread_lock:
@@ -301,7 +270,7 @@ class Writer:
             if value is None:
                 ops.extend((len(raw), 0, 1, 0))
             else:
-                data = self._check_value(raw, _as_bytes(value))
+                data = self._check_value(raw, as_bytes(value))
                 parts.append(data)
                 ops.extend((len(raw), len(data), 0, 0))
         return b"".join(parts), ops.tobytes()
@@ -375,9 +344,9 @@ class Writer:
             raw = encode_key(key)
             if raw in batch:
                 raise InvalidKey(f"duplicate key {key!r} in replace()")
-            data = self._check_value(raw, _as_bytes(value))
+            data = self._check_value(raw, as_bytes(value))
             batch[raw] = (data, item_rv)
-            need_bytes += lib.sc_record_size(len(raw), len(data))
+            need_bytes += record_size(len(raw), len(data))
         g = self.geometry
         if len(batch) > g.max_keys or need_bytes > g.store_bytes:
             raise CacheFull(
@@ -489,18 +458,7 @@ class Writer:
             lock.release(remove=not os.path.lexists(segment_path(self.name)))
 
     def _check_value(self, raw: bytes, data: bytes) -> bytes:
-        n = len(raw) + len(data)
-        if n > self._arena_bytes:
-            raise ValueTooLarge(
-                f"key + value are {n} bytes; the ring arena holds {self._arena_bytes}"
-            )
-        size = (n + 31) & ~7  # sc_record_size: 24-byte header, padded to 8
-        if size > self._max_record:
-            g = self.geometry
-            raise ValueTooLarge(
-                f"store record of {size} bytes exceeds the largest one this cache takes "
-                f"({g.max_record} bytes: half of store_bytes)"
-            )
+        check_value_size(raw, data, self._arena_bytes, self._max_record)
         return data
 
     def _begin(self) -> None:
@@ -648,8 +606,7 @@ def _read_creator(fd: int, path: str) -> ProcessIdentity:
             view = ffi.from_buffer("uint8_t[]", mm)
             h: Any = ffi.cast("struct sc_header *", view)
             magic = lib.sc_load_acquire(ffi.addressof(h[0], "magic"))
-            ident = ProcessIdentity(int(h.creator_pid), int(h.creator_start_ticks),
-                                    int(h.creator_pidns), int(h.creator_boot))
+            ident = creator_of(h)
             ffi.release(view)
         if magic not in (0, MAGIC):
             raise CacheCorrupted(f"{path} is not a shmcache segment; remove it by hand")
