@@ -44,34 +44,31 @@ MAX_RV = (1 << 63) - 1
 ValueLike = bytes | bytearray | memoryview
 
 
+def _utf8(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError as err:
+        raise InvalidKey(f"{what} {text!r} is not encodable as UTF-8: {err.reason}") from err
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidKey(f"{what} is {len(raw)} UTF-8 bytes; keys have at most {MAX_KEY_BYTES}")
+    return raw
+
+
 def encode_key(key: object) -> bytes:
     """The UTF-8 bytes of a valid key (1 to MAX_KEY_BYTES of them);
     TypeError or InvalidKey otherwise."""
-    if not isinstance(key, str):
-        raise TypeError(f"key must be str, not {type(key).__name__}")
-    try:
-        raw = key.encode()
-    except UnicodeEncodeError as err:
-        raise InvalidKey(f"key {key!r} is not encodable as UTF-8: {err.reason}") from err
+    raw = _utf8(key, "key")
     if not raw:
         raise InvalidKey("key must not be empty")
-    if len(raw) > MAX_KEY_BYTES:
-        raise InvalidKey(f"key is {len(raw)} UTF-8 bytes; at most {MAX_KEY_BYTES} are allowed")
     return raw
 
 
 def encode_prefix(prefix: object) -> bytes:
     """The UTF-8 bytes of a key prefix ("" matches every key): at most
     MAX_KEY_BYTES, since no longer prefix can match a key."""
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-    try:
-        raw = prefix.encode()
-    except UnicodeEncodeError as err:
-        raise InvalidKey(f"prefix {prefix!r} is not encodable as UTF-8: {err.reason}") from err
-    if len(raw) > MAX_KEY_BYTES:
-        raise InvalidKey(f"prefix is {len(raw)} UTF-8 bytes; keys have at most {MAX_KEY_BYTES}")
-    return raw
+    return _utf8(prefix, "prefix")
 
 
 def as_bytes(value: object) -> bytes:
