@@ -34,7 +34,6 @@ from typing import Any
 
 import psutil
 import pytest
-from shmcache._native import ffi
 
 from shmcache import (
     CacheClosed,
@@ -50,6 +49,7 @@ from shmcache import (
     Snapshot,
     ValueTooLarge,
 )
+from shmcache._native import ffi
 
 from . import helpers
 from ._daemon_helpers import (
