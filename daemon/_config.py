@@ -208,7 +208,7 @@ OPTIONS = [
     Option("mode", 0o640, _segment_mode,
            "permission bits of the segment and semaphore, octal; no group or world write bit"),
     Option("group", None, _group, "group owning the segment, semaphore and socket (default: the daemon's)"),
-    Option("socket", None, str, "producer socket path (default: derived from the name, see README)"),
+    Option("socket", None, str, "producer socket path (default: derived from the name, see docs/protocol.md)"),
     Option("socket-mode", 0o660, _socket_mode, "permission bits of the producer socket, octal; no world write bit"),
     Option("allow-uid", None, _ids, "more uids allowed to produce, comma-separated (default: none; root and "
            "the daemon's uid always may)"),
