@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import functools
 
-from shmcache._native import ffi
-
 from shmcache import Reader, Writer
+from shmcache._native import ffi
 
 from ._common import Config, Recorder, timed, unique_name
 

@@ -33,9 +33,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from shmcache._native import ffi
-
 from shmcache import CacheFull, Reader, ShmCacheError, Writer
+from shmcache._native import ffi
 
 # Geometries of the pristine segments (kept small: each case copies the segment).
 GEOMETRIES: dict[str, dict[str, int]] = {

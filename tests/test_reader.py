@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-from shmcache._native import lib
 
 from shmcache import (
     CacheClosed,
@@ -20,6 +19,7 @@ from shmcache import (
     ResourceVersionTooLarge,
     Writer,
 )
+from shmcache._native import lib
 
 
 def test_oldest_resource_version_cases(name: str) -> None:
