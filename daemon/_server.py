@@ -169,7 +169,7 @@ class Daemon:
             log.info("mirroring etcd prefix %r from %s", c.etcd_prefix, ", ".join(c.etcd_endpoints))
         if not self.stop_signal:
             log.info("cache %r (epoch %016x) ready: %d events, %d keys; producers on %s",
-                     c.name, self.writer._h.epoch, c.capacity, c.max_keys, c.socket)
+                     c.name, self.writer.figures().epoch, c.capacity, c.max_keys, c.socket)
             self.notifier.send(READY=1, MAINPID=os.getpid(), STATUS=self._status())
         try:
             self._loop()
@@ -663,16 +663,16 @@ class Daemon:
     # ---- figures ---------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        h = self.writer._h
+        f = self.writer.figures()
         return {
             "name": self.config.name,
-            "epoch": f"{int(h.epoch):016x}",
+            "epoch": f"{f.epoch:016x}",
             "pid": os.getpid(),
-            "rv": self.writer.resource_version,
-            "events_written": int(h.events_written),
-            "events_evicted": int(h.events_evicted),
-            "keys": int(h.live_keys),
-            "store_bytes": int(h.live_bytes),
+            "rv": f.rv,
+            "events_written": f.events_written,
+            "events_evicted": f.events_evicted,
+            "keys": f.store.keys,
+            "store_bytes": f.store.bytes,
             "producers": len(self.clients),
             "buffered_bytes": self.reserved,
             "waiting_for_buffer": len(self.waiting),
@@ -690,7 +690,7 @@ class Daemon:
 
     def _status(self) -> str:
         now = time.monotonic()
-        written = int(self.writer._h.events_written)
+        written = self.writer.figures().events_written
         then, before = self._rate_mark
         if now > then:
             self.events_per_s = (written - before) / (now - then)

@@ -8,6 +8,8 @@ bounded ring; readers map the segment read-only and, without any lock,
 from importlib import metadata as _metadata
 
 from ._events import Event, EventType, Item, Snapshot
+from ._figures import Figures, RingFill, StoreFill
+from ._owner import ProcessIdentity
 from ._producer import Producer
 from ._reader import Interval, RawBatch, Reader
 from ._writer import Writer
@@ -42,6 +44,7 @@ __all__ = [
     "DaemonUnavailable",
     "Event",
     "EventType",
+    "Figures",
     "Interval",
     "InvalidKey",
     "InvalidName",
@@ -50,14 +53,17 @@ __all__ = [
     "InvalidSize",
     "Item",
     "LockTimeout",
+    "ProcessIdentity",
     "Producer",
     "ProtocolError",
     "RawBatch",
     "Reader",
     "ResourceExpired",
     "ResourceVersionTooLarge",
+    "RingFill",
     "ShmCacheError",
     "Snapshot",
+    "StoreFill",
     "ValueTooLarge",
     "Writer",
 ]

@@ -1,8 +1,8 @@
 """Inspecting a cache from outside it: what ``shmcache status`` reports.
 
-The figures of the segment's header (read through a read-only ``Reader``),
-whether the process that owns the segment still lives, which processes map
-it, and the upstream state its daemon reports; all as JSON-ready dicts.
+The cache's figures (``Reader.figures()``), whether the process that owns
+the segment still lives, which processes map it, and the upstream state its
+daemon reports; all as JSON-ready dicts.
 Nothing here prints: the command line formats what it gets.
 """
 
@@ -14,7 +14,6 @@ from typing import Any
 import psutil
 
 from ._entries import segment_path
-from ._layout import creator_of
 from ._owner import Liveness, ProcessIdentity, judge
 from ._producer import Producer
 from ._reader import Reader
@@ -93,31 +92,24 @@ def status_of(name: str, trust: OwnerSpec | None = None) -> dict[str, Any]:
     """Everything ``shmcache status`` reports, as one JSON-ready dict; only
     from a segment of an owner ``trust`` names (CacheNotTrusted otherwise)."""
     with Reader(name, owner=trust) as reader:
-        h: Any = reader.header_copy()
-        g = reader.geometry
-        rv = reader.resource_version
-        oldest = reader.oldest_resource_version
-        ring_events, ring_bytes = reader.ring_usage()
-        cap = g.capacity
-        owner = creator_of(h)
-        heartbeat = reader.heartbeat_age
-        status: dict[str, Any] = {
-            "name": name,
-            "path": segment_path(name),
-            "epoch": f"{int(h.epoch):016x}",
-            "created": int(h.created_ms) / 1000,
-            "owner": owner_status(owner),
-            "heartbeat_age": None if heartbeat is None else round(heartbeat, 3),
-            "socket": reader.socket_path or None,
-            "rv": rv,
-            "oldest_rv": oldest,
-            "ring": {"events": ring_events, "capacity": cap,
-                     "bytes": ring_bytes, "arena_bytes": g.arena_bytes},
-            "store": {"keys": int(h.live_keys), "max_keys": g.max_keys,
-                      "bytes": int(h.live_bytes), "store_bytes": g.store_bytes},
-            "events_written": int(h.events_written),
-            "events_evicted": int(h.events_evicted),
-        }
+        f = reader.figures()
+    status: dict[str, Any] = {
+        "name": name,
+        "path": segment_path(name),
+        "epoch": f"{f.epoch:016x}",
+        "created": f.created,
+        "owner": owner_status(f.owner),
+        "heartbeat_age": None if f.heartbeat_age is None else round(f.heartbeat_age, 3),
+        "socket": f.socket_path or None,
+        "rv": f.rv,
+        "oldest_rv": f.oldest_rv,
+        "ring": {"events": f.ring.events, "capacity": f.ring.capacity,
+                 "bytes": f.ring.bytes, "arena_bytes": f.ring.arena_bytes},
+        "store": {"keys": f.store.keys, "max_keys": f.store.max_keys,
+                  "bytes": f.store.bytes, "store_bytes": f.store.store_bytes},
+        "events_written": f.events_written,
+        "events_evicted": f.events_evicted,
+    }
     status["upstream"] = upstream_of(status["socket"], trust)
     processes, uninspected = mapping_processes(name)
     status["processes"] = processes

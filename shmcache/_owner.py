@@ -66,6 +66,10 @@ _CAP_SYS_PTRACE = 19
 
 @dataclass(frozen=True)
 class ProcessIdentity:
+    """Who a process is, across pid reuse, PID namespaces and reboots (see
+    docs/design.md, "Who a process is"); a segment's header records its
+    creator's."""
+
     pid: int  # as os.getpid() returns it: the pid in the process's own PID namespace
     start_ticks: int  # starttime, normalised to the initial time namespace, masked to START_TICKS_BITS
     pidns: int  # inode of /proc/self/ns/pid (32-bit), 0 when unknown

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _codec
 from ._events import Event, EventType, Item, Snapshot
+from ._figures import Figures, heartbeat_age_of, read_figures, socket_path_of
 from ._layout import check_name, open_segment
 from ._native import ffi, lib
 from ._rules import encode_key, encode_prefix
@@ -128,40 +129,30 @@ class Reader:
         """The newest published resource version."""
         return self._load(_OFF_RV)
 
+    def figures(self) -> Figures:
+        """The cache's figures now (see Figures for what is consistent)."""
+        return read_figures(self.name, self._layout, self.geometry, self._closed_error)
+
     def header_copy(self) -> Any:
         """A private copy of the segment's header (``struct sc_header``), for
-        diagnostics such as ``shmcache status``; fields of concurrent writes
-        may be mutually inconsistent."""
+        tests and diagnostics that need what :meth:`figures` does not show
+        (the lock word, ``op_state``); fields of concurrent writes may be
+        mutually inconsistent, and their names are the C struct's."""
         copy = ffi.new("struct sc_header *")
         if lib.sc_header_copy(self._layout, copy) != lib.SC_OK:
             raise self._closed_error()
         return copy
 
-    def ring_usage(self) -> tuple[int, int]:
-        """(events, payload bytes) the ring's window holds now."""
-        out = ffi.new("uint64_t[2]")
-        rc = lib.sc_ring_usage(self._layout, out)
-        if rc == lib.SC_CLOSED:
-            raise self._closed_error()
-        if rc != lib.SC_OK:
-            raise CacheCorrupted(f"cache {self.name!r}: the ring's indices never read consistently")
-        return int(out[0]), int(out[1])
-
     @property
     def socket_path(self) -> str:
         """The producer socket the owning daemon advertises ("" if none)."""
-        raw: bytes = ffi.string(self.header_copy().socket_path, 255)
-        try:
-            return raw.decode()
-        except UnicodeDecodeError:
-            return ""
+        return socket_path_of(self.header_copy())
 
     @property
     def heartbeat_age(self) -> float | None:
         """Seconds since the owning daemon last refreshed its heartbeat, or
         None if no daemon ever did."""
-        beat = self._load(_OFF_HEARTBEAT)
-        return None if beat == 0 else max(0.0, time.time() - beat / 1000)
+        return heartbeat_age_of(self._load(_OFF_HEARTBEAT))
 
     @property
     def oldest_resource_version(self) -> int:

@@ -30,6 +30,7 @@ from ._entries import (
     symlink_error,
     unlink_if,
 )
+from ._figures import Figures, read_figures
 from ._layout import (
     LAYOUT_VERSION,
     MAGIC,
@@ -187,6 +188,18 @@ class Writer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def figures(self) -> Figures:
+        """The cache's figures now, read as a reader reads them: without the
+        writers' lock (see Figures for what is consistent).  CacheClosed once
+        this writer is closed, or the cache was closed by its owner."""
+        self._check_open()
+        return read_figures(self.name, self._layout, self.geometry, self._owner_closed)
+
+    def _owner_closed(self) -> CacheClosed:
+        if self._closed:  # closed by another thread meanwhile
+            return CacheClosed(f"writer of {self.name!r} is closed")
+        return CacheClosed(f"cache {self.name!r} was closed by its owner")
 
     # ---- mutations -----------------------------------------------------
 
