@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import psutil
 import pytest
 
-from .helpers import STRESS
+from .support import STRESS
 
 
 class Report(Protocol):

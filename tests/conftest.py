@@ -3,13 +3,15 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from ._daemon_helpers import served
+from shmcache import Producer, Reader
+
 from ._etcd import etcd
 from ._report import pytest_terminal_summary, report
-from .helpers import SESSION_VARIABLE, leftovers, remove_cache, unique_name
+from .support import MAX_FRAME, SESSION_VARIABLE, Served, leftovers, remove_cache, running, sock_in, unique_name
 
 __all__ = ["etcd", "name", "pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary", "report", "served"]
 
@@ -21,6 +23,23 @@ def name() -> Iterator[str]:
     yield n
     remove_cache(n)
     assert not leftovers(n), f"left in /dev/shm: {leftovers(n)}"
+
+
+@pytest.fixture
+def served(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    """A daemon (--client-timeout 0.5, --heartbeat 0.1, --max-frame-bytes
+    MAX_FRAME, then any options given as the indirect parameter) holding a
+    little state, a Producer and a Reader."""
+    sock = sock_in(tmp_path)
+    extra: list[str] = getattr(request, "param", [])
+    with running(name, sock, tmp_path / "d.log", "--client-timeout", "0.5", "--heartbeat", "0.1",
+                 "--max-frame-bytes", str(MAX_FRAME), *extra) as d:
+        with Reader(name) as reader, Producer(sock) as producer:
+            producer.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+            producer.delete("c")
+            snapshot = reader.list()
+            assert snapshot.rv == 4
+            yield Served(d, sock, producer, reader, snapshot)
 
 
 def _controller(config: pytest.Config) -> bool:

@@ -6,25 +6,23 @@ from __future__ import annotations
 import base64
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-from shmcache import CacheClosed, CacheNotFound, EventType, Reader, Writer
+from shmcache import EventType, Reader, Writer
 
-from . import helpers
+from .support import REPO, LineProcess, python, running, sock_in
 
 TIMEOUT = 60.0  # the longest any command or expected line may take: a hang, not a slow machine
 
@@ -40,7 +38,7 @@ class Result:
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("SHMCACHE_NAME", None)
-    env["PYTHONPATH"] = str(helpers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
@@ -84,88 +82,29 @@ class Daemon:
 
 @pytest.fixture
 def daemon(name: str, tmp_path: Path) -> Iterator[Daemon]:
-    """A real shmcached owning cache ``name``, ready (socket bound, path
-    advertised, heartbeat written); SIGTERMed and reaped afterwards."""
-    sock = tmp_path / "s.sock"
-    log = tmp_path / "shmcached.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shmcached", "--name", name, "--capacity", "64",
-             "--arena-bytes", "65536", "--max-keys", "256", "--store-bytes", "1048576",
-             "--socket", str(sock), "--heartbeat", "0.2"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, env=_env())
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert proc.poll() is None, f"shmcached exited {proc.returncode}:\n{log.read_text()}"
-            if sock.exists():
-                try:
-                    with Reader(name) as reader:
-                        if reader.heartbeat_age is not None:
-                            break
-                except (CacheNotFound, CacheClosed):
-                    pass  # not created yet
-            assert time.monotonic() < deadline, f"shmcached not ready:\n{log.read_text()}"
-            time.sleep(0.02)
-        yield Daemon(proc, str(sock), log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()
-        assert not sock.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
+    """A real shmcached owning cache ``name``, serving (its heartbeat
+    written before it answers); SIGTERMed afterwards, and unless the test
+    stopped it, checked to exit 0 and leave nothing behind."""
+    sock = sock_in(tmp_path, "s")
+    with running(name, sock, tmp_path / "shmcached.log", "--heartbeat", "0.2") as d:
+        yield Daemon(d.proc, sock, d.log_path)
 
 
-class Watch:
-    """``shmcache watch ...`` running in the background; stdout lines on a queue."""
+class Watch(LineProcess):
+    """``shmcache watch ...`` running in the background."""
+
+    line_timeout = TIMEOUT
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "shmcache", "watch", *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=_env())
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.err: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [self._pump(self.proc.stdout, True), self._pump(self.proc.stderr, False)]
-
-    def _pump(self, stream: IO[str], lines: bool) -> threading.Thread:
-        def run() -> None:
-            for line in stream:
-                if lines:
-                    self.lines.put(line.rstrip("\n"))
-                else:
-                    self.err.append(line)
-            if lines:
-                self.lines.put(None)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
-
-    def line(self) -> str:
-        try:
-            got = self.lines.get(timeout=TIMEOUT)
-        except queue.Empty:
-            raise AssertionError(f"watch printed nothing for {TIMEOUT} s; stderr: {self.err}") from None
-        assert got is not None, f"watch ended (rc {self.proc.wait(TIMEOUT)}); stderr: {self.err}"
-        return got
+        super().__init__([sys.executable, "-m", "shmcache", "watch", *args], label="watch", env=_env())
 
     def finish(self, sig: int | None = None) -> int:
         if sig is not None:
             self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=TIMEOUT)
-        for thread in self._threads:
-            thread.join(timeout=TIMEOUT)
-        return rc
+        return self.wait(TIMEOUT)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.finish()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.kill()
 
 
 @pytest.fixture
@@ -402,7 +341,7 @@ def test_watch_lists_then_streams_until_ctrl_c(name: str, writer: Writer, watche
     assert [w.line().split() for _ in range(3)] == [
         ["MODIFIED", "pods/a", "3", "2"], ["ADDED", "pods/b", "5", "\\xff"], ["DELETED", "pods/a", "6", "2"]]
     assert w.finish(signal.SIGINT) == 0
-    assert w.err == [], "Ctrl-C ends a watch quietly"
+    assert w.stderr == "", "Ctrl-C ends a watch quietly"
 
 
 def test_watch_json_since(name: str, writer: Writer, watches: list[Watch]) -> None:
@@ -420,7 +359,7 @@ def test_watch_json_since(name: str, writer: Writer, watches: list[Watch]) -> No
         {"type": "DELETED", "key": "b", "rv": 5, "value": "old"},
     ]
     assert w.finish(signal.SIGINT) == 0
-    assert w.err == []
+    assert w.stderr == ""
 
 
 def test_watch_too_old_rv_exits_4_with_no_relist(name: str) -> None:
@@ -478,7 +417,7 @@ def test_a_relist_reports_the_keys_deleted_during_the_gap(name: str, watches: li
         w.put("e", b"5")
         after = watch.line()
     assert watch.finish() == 3  # the Writer closed the cache
-    assert "listing again" in "".join(watch.err)
+    assert "listing again" in watch.stderr
     if output == "json":
         assert [json.loads(line) for line in first] == [
             {"type": "ADDED", "key": k, "rv": 3, "value": v} for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]
@@ -512,7 +451,7 @@ def test_watch_exits_3_when_the_cache_closes(name: str, watches: list[Watch]) ->
         watches.append(watch)
         assert json.loads(watch.line())["type"] == EventType.ADDED.name
     assert watch.finish() == 3
-    assert "closed" in "".join(watch.err)
+    assert "closed" in watch.stderr
 
 
 @pytest.mark.parametrize("command", ["list", "watch"])
@@ -553,7 +492,7 @@ def test_status_of_a_writer_owned_cache(name: str, writer: Writer) -> None:
 
 
 def test_status_shows_a_dead_owner(name: str) -> None:
-    child = helpers.python(
+    child = python(
         """
         import sys, time, shmcache
         w = shmcache.Writer(sys.argv[1], capacity=8, arena_bytes=4096, max_keys=8, store_bytes=1 << 16)
@@ -620,7 +559,7 @@ def test_watch_sees_the_daemons_writes_and_its_shutdown(name: str, daemon: Daemo
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=TIMEOUT) == 0
     assert w.finish() == 3  # the cache was closed by its owner
-    assert "closed" in "".join(w.err)
+    assert "closed" in w.stderr
 
 
 # ---- demo ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Cross-process behaviour: real writer and reader processes sharing a cache.
 
 The child-process code is in tests/_children.py, started through
-tests/_spawn.py.  Loop sizes follow the SHMCACHE_STRESS environment variable:
+tests/support/_children.py.  Loop sizes follow the SHMCACHE_STRESS environment variable:
 ``ci`` (default, the whole file in well under a minute on two cores) or
 ``soak`` (10-100x more iterations).  Writers that die, and one writer wrapping
 the ring under readers, are in tests/stress/ (test_writer_crash.py,
@@ -27,10 +27,18 @@ from shmcache import (
     Writer,
 )
 
-from ._children import check_value, make_value, replay, ring_events
 from ._report import Report
-from ._spawn import check_intact, small_writer, spawn, wait_status
-from .helpers import scaled
+from .support import (
+    check_intact,
+    check_value,
+    make_value,
+    replay,
+    ring_events,
+    scaled,
+    small_writer,
+    spawn,
+    wait_status,
+)
 
 # ---- 1. readers cannot write -------------------------------------------------------
 

@@ -6,7 +6,7 @@ Every daemon is started with ``--socket`` under the test's tmp directory and
 small sizes, waited for with deadlines, and stopped (SIGTERM, else SIGKILL)
 on the way out; a clean stop must leave nothing in /dev/shm and no socket.
 Helpers (the daemon process, raw frames, the fake NOTIFY_SOCKET, children
-printing JSON lines, the ``served`` fixture) are in tests/_daemon_helpers.py.
+printing JSON lines) are in tests/support/, the ``served`` fixture in tests/conftest.py.
 Hostile producers (stalled, pipelining, bursts, malformed and fuzzed frames)
 are in tests/stress/test_hostile_producers.py.
 """
@@ -51,8 +51,7 @@ from shmcache import (
 )
 from shmcache._native import ffi
 
-from . import helpers
-from ._daemon_helpers import (
+from .support import (
     CACHE_FULL,
     FORBIDDEN,
     FRAME_TOO_LARGE,
@@ -64,6 +63,7 @@ from ._daemon_helpers import (
     MAX_KEY_BYTES,
     MAX_RV,
     OK,
+    REPO,
     UNKNOWN_OP,
     VALUE_TOO_LARGE,
     WATCHER,
@@ -77,21 +77,24 @@ from ._daemon_helpers import (
     connect,
     delete,
     frame,
+    leftovers,
     ping,
     producer_when_admitted,
     put,
     read_reply,
     record_size,
+    remove_cache,
     running,
+    scaled,
     seg_path,
     sock_in,
     stats,
+    unique_name,
     wait_for,
 )
-from ._daemon_helpers import (
+from .support import (
     request as call,
 )
-from .helpers import leftovers, remove_cache, scaled, unique_name
 
 
 def sem_path(name: str) -> str:
@@ -183,7 +186,7 @@ def test_console_script_and_python_m_both_run_the_daemon(name: str, tmp_path: Pa
             assert p.put("k", b"v") == 1
         assert str(script) in psutil.Process(d.pid).cmdline()
     out = subprocess.run([sys.executable, "-m", "shmcached", "--help"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONPATH": str(helpers.REPO)})
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     for option in ("--config", "--name", "--capacity", "--arena-bytes", "--max-keys", "--store-bytes",
                    "--mode", "--group", "--socket", "--socket-mode", "--allow-uid", "--allow-gid",

@@ -17,7 +17,7 @@ import pytest
 import shmcache
 from daemon._config import OPTIONS, Config, ConfigError, parse
 
-from ._daemon_helpers import daemon_env
+from .support import daemon_env
 
 FLAGS = ("allow-local-writes", "etcd-keep-prefix")
 

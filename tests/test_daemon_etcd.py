@@ -18,10 +18,9 @@ import pytest
 from daemon._etcd import message_limit
 from shmcache import Item, Producer, ProtocolError, Reader, ResourceExpired
 
-from ._daemon_helpers import Daemon, daemon_env, running
 from ._etcd import EtcdServer, dead_endpoint
 from ._fakehttp import Handler, Peer, fake_server
-from .helpers import unique_name
+from .support import Daemon, daemon_env, running, unique_name
 
 DEADLINE = 30.0
 
@@ -222,7 +221,7 @@ def test_the_daemon_reads_etcd_answers_only_up_to_what_its_cache_can_hold(tmp_pa
         peer.stream(huge, chunked=False)
 
     routes: dict[str, Handler] = {path: flood for path in ("/v3/kv/range", "/v3/maintenance/status", "/v3/watch")}
-    limit = message_limit(1 << 20, 256, len(b"/app/"))  # tests/_daemon_helpers.py SMALL
+    limit = message_limit(1 << 20, 256, len(b"/app/"))  # tests/support SMALL
     assert limit < huge
     with fake_server(routes) as server:
         with mirroring_url(server.url, tmp_path) as d:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from shmcache._native import ffi
 
-from ._daemon_helpers import Served
-from .helpers import REPO
+from .support import REPO, Served
 
 DESIGN = (REPO / "docs" / "design.md").read_text()
 PROTOCOL = (REPO / "docs" / "protocol.md").read_text()

@@ -41,7 +41,7 @@ from shmcache import Reader, Writer
 
 from ._etcd import PROGRESS_INTERVAL, EtcdServer
 from ._fakehttp import FakeServer, Peer, fake_server
-from .helpers import remove_cache, unique_name
+from .support import remove_cache, unique_name
 
 LIMIT = 1 << 20  # the client's max_message_bytes in the fake-server tests
 OFFERED = 50 * LIMIT  # what a hostile answer offers

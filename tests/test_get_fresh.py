@@ -12,7 +12,7 @@ import textwrap
 
 from shmcache import Reader, Writer
 
-from .helpers import REPO
+from .support import REPO
 
 #: ``name key value rv``: publishes one event to the ring under the lock and
 #: dies before the store update (the stores ring_append makes, in order)

@@ -28,11 +28,11 @@ import time
 from typing import Any
 
 import pytest
-from shmcache._native import lib
 
 from shmcache import Reader, Writer
+from shmcache._native import lib
 
-from .helpers import REPO
+from .support import REPO
 
 #: a store whose list() is a real scan: a few hundred keys in a table of
 #: 8192 slots, and room for the 2000 staged and 1700 appended records below

@@ -18,13 +18,13 @@ from typing import Any
 
 import posix_ipc
 import pytest
-from shmcache._native import ffi, lib
 
 from shmcache import LockTimeout, Reader, Writer
 from shmcache._lock import identity_of_word, word_of_identity
+from shmcache._native import ffi, lib
 from shmcache._owner import ProcessIdentity, me
 
-from .helpers import REPO
+from .support import REPO
 
 SIZES: dict[str, Any] = {"capacity": 8, "arena_bytes": 4096, "max_keys": 8, "store_bytes": 4096}
 

@@ -13,7 +13,7 @@ from daemon._mirror import Mirror, revision_of, rv_after, rv_of
 from shmcache import EventType, Item, Reader, ResourceExpired, Writer
 
 from ._etcd import PROGRESS_INTERVAL, EtcdServer
-from .helpers import remove_cache, unique_name
+from .support import remove_cache, unique_name
 
 PREFIX = b"/app/"
 DEADLINE = 30.0

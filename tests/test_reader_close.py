@@ -14,7 +14,7 @@ import pytest
 
 from shmcache import Writer
 
-from .helpers import REPO
+from .support import REPO
 
 AFTER_CLOSE = textwrap.dedent("""
     import sys

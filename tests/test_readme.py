@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ._daemon_helpers import daemon_env, running
-from .helpers import REPO, remove_cache, unique_name
+from .support import REPO, daemon_env, remove_cache, running, unique_name
 
 
 def python_blocks() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO
+from .support import REPO
 
 #: Run by each installed interpreter: argv is the cache name, the version
 #: pyproject.toml declares and the environment's prefix.

@@ -18,7 +18,7 @@ import pytest
 
 from shmcache import CacheClosed, Event, EventType, Reader, ResourceExpired, Writer
 
-from .helpers import REPO
+from .support import REPO
 
 SIZES: dict[str, Any] = {"capacity": 8, "arena_bytes": 4096, "max_keys": 8, "store_bytes": 4096}
 

@@ -27,7 +27,7 @@ from shmcache import (
     Writer,
 )
 
-from .helpers import leftovers
+from .support import leftovers
 
 SMALL: dict[str, Any] = dict(capacity=16, arena_bytes=4096, max_keys=8, store_bytes=4096)
 

@@ -46,8 +46,8 @@ import pytest
 
 from shmcache import Item, Producer, Reader, Writer
 
-from .._daemon_helpers import FORBIDDEN, IO_TIMEOUT, WATCHER, LineChild, child, running, wait_for
 from .._report import Report
+from ..support import FORBIDDEN, IO_TIMEOUT, WATCHER, LineChild, child, running, wait_for
 from ..test_daemon import open_dir  # noqa: F401  (the fixture: a socket directory anybody may traverse)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,

@@ -18,18 +18,20 @@ import pytest
 
 from shmcache import CacheClosed, Item, Reader
 
-from .._daemon_helpers import (
+from .._report import Report
+from ..support import (
     Daemon,
     LineChild,
     as_dict,
     child,
+    remove_cache,
     running,
+    scaled,
     seg_path,
     sock_in,
+    unique_name,
     wait_for,
 )
-from .._report import Report
-from ..helpers import remove_cache, scaled, unique_name
 from ..test_daemon import _copy_segment
 
 #: ``PRODUCER socket tag stop_file``: puts key TAG/I = b"TAG/I" (a new I for

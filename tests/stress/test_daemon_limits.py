@@ -46,22 +46,25 @@ import pytest
 
 from shmcache import Reader
 
-from .._daemon_helpers import (
+from .._report import Report
+from ..support import (
     FORBIDDEN,
     INVALID_RV,
     MAX_RV,
     OK,
+    REPO,
     STOP_TIMEOUT,
     connect,
     ping,
     put,
     running,
+    scaled,
     stats,
     wait_for,
 )
-from .._daemon_helpers import request as call
-from .._report import Report
-from ..helpers import REPO, scaled
+from ..support import (
+    request as call,
+)
 from ..test_daemon import (
     test_bad_configuration_exits_2_with_one_line as bad_configuration,
 )

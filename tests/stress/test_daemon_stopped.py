@@ -19,8 +19,8 @@ import pytest
 
 from shmcache import CacheExists, DaemonUnavailable, Item, Producer, Reader, Writer
 
-from .._daemon_helpers import Daemon, daemon_env, sock_in, wait_for
 from .._report import Report
+from ..support import Daemon, daemon_env, sock_in, wait_for
 
 HEARTBEAT = 0.2
 

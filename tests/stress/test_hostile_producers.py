@@ -5,8 +5,8 @@ mid-frame, exceed --max-clients, send truncated, oversized, malformed and
 fuzzed frames.  Meanwhile a Producer keeps being served and the cache changes
 only by what was answered OK.
 
-Helpers (the daemon, raw frames written from docs/protocol.md, the ``served``
-fixture) are in tests/_daemon_helpers.py.  SHMCACHE_STRESS sets the number of
+Helpers (the daemon, raw frames written from docs/protocol.md) are in
+tests/support/, the ``served`` fixture in tests/conftest.py.  SHMCACHE_STRESS sets the number of
 fuzzed connections (``ci`` or ``soak``).
 """
 
@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from shmcache import DaemonUnavailable, Producer, Reader
 
-from .._daemon_helpers import (
+from .._report import Report
+from ..support import (
     BAD_FRAME,
     BATCH,
     CACHE_FULL,
@@ -64,15 +65,14 @@ from .._daemon_helpers import (
     record_size,
     recv_exact,
     running,
+    scaled,
     sock_in,
     stats,
     wait_for,
 )
-from .._daemon_helpers import (
+from ..support import (
     request as call,
 )
-from .._report import Report
-from ..helpers import scaled
 
 # ==== 1. truncated, oversized and malformed frames ==============================
 

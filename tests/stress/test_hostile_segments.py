@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from shmcache._native import ffi
 
 from shmcache import (
     CacheCorrupted,
@@ -36,10 +35,11 @@ from shmcache import (
     Writer,
 )
 from shmcache._layout import LAYOUT_VERSION
+from shmcache._native import ffi
 
 from .._hostile_child import CASE_TIMEOUT, FIELDS, write_field
 from .._report import Report
-from ..helpers import STRESS, python, remove_cache, scaled
+from ..support import STRESS, python, remove_cache, scaled
 
 CASES_PER_PART = scaled(500, 12_600)
 PARTS = [

@@ -22,9 +22,8 @@ import pytest
 
 from shmcache import Producer, Reader, Writer
 
-from .._daemon_helpers import STOP_TIMEOUT, child, running, wait_for
 from .._report import Report
-from ..helpers import scaled
+from ..support import STOP_TIMEOUT, child, running, scaled, wait_for
 
 #: the long-running reader follows this many events (ci: ~3 s of writing here)
 FOLLOW_EVENTS = scaled(10**6, 10**7)

@@ -22,7 +22,7 @@ import pytest
 from shmcache import Writer
 
 from .._report import Report
-from ..helpers import REPO, scaled
+from ..support import REPO, scaled
 
 #: ``HAMMER name counter seconds``: checked lock holds for ``seconds``: each
 #: takes the lock, adds 1 to the shared counter (it must have been 0), puts,

@@ -47,7 +47,7 @@ from shmcache import (
 )
 
 from .._report import Report
-from ..helpers import leftovers, remove_cache, scaled, unique_name
+from ..support import leftovers, remove_cache, scaled, unique_name
 
 # A small alphabet so that keys repeat; more keys than max_keys so the store fills.
 KEYS = ("a", "a/1", "a/2", "ab", "b", "b/1", "c/é", "c/x", "d", "e")

@@ -21,9 +21,8 @@ import pytest
 
 from shmcache import LockTimeout, Reader, Writer
 
-from .._daemon_helpers import LineChild
 from .._report import Report
-from ..helpers import scaled
+from ..support import LineChild, scaled
 
 #: ``HOLDER name``: opens the cache, takes the writers' lock as a put would
 #: (like tests/_children.py ``hold_lock``), prints {"held": pid in its

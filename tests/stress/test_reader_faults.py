@@ -16,9 +16,8 @@ import psutil
 
 from shmcache import Reader, Writer
 
-from .._daemon_helpers import child, wait_for
 from .._report import Report
-from ..helpers import scaled
+from ..support import child, scaled, wait_for
 
 CAPACITY = scaled(16384, 65536)
 KEYS = 500
@@ -30,7 +29,7 @@ KEYS = 500
 WRITER = """
     import json, os, sys, time
     from shmcache import Writer
-    from tests._children import make_value
+    from tests.support import make_value
     name, pause, stop = sys.argv[1:4]
     w = Writer(name, create=False, lock_timeout=2.0)
     puts = 0
@@ -90,7 +89,7 @@ WAITER = """
 VERIFIER = """
     import json, os, sys
     from shmcache import Reader, ResourceExpired
-    from tests._children import check_value
+    from tests.support import check_value
     name, done = sys.argv[1:3]
     r = Reader(name)
     events, expired = 0, 0

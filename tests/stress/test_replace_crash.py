@@ -22,10 +22,8 @@ import pytest
 
 from shmcache import Item, Reader, ResourceExpired, Writer
 
-from .._children import check_value, make_value
-from .._daemon_helpers import LineChild, child
 from .._report import Report
-from ..helpers import scaled
+from ..support import LineChild, check_value, child, make_value, scaled
 
 GEOMETRY = {"capacity": 32, "arena_bytes": 8192, "max_keys": 512, "store_bytes": 1 << 17}
 
@@ -37,7 +35,7 @@ GEOMETRY = {"capacity": 32, "arena_bytes": 8192, "max_keys": 512, "store_bytes":
 CRASHER = """
     import json, os, sys
     from shmcache import Writer
-    from tests._children import make_value
+    from tests.support import make_value
     name, point, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
     def crash(where):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from .._report import Report
-from ..helpers import REPO, scaled
+from ..support import REPO, scaled
 
 TMPFS_BYTES = 4 << 20
 
@@ -32,7 +32,7 @@ TMPFS_BYTES = 4 << 20
 SCENARIO = """
     import errno, json, os, subprocess, sys
     from shmcache import Reader, Writer
-    from tests._children import check_value, make_value
+    from tests.support import check_value, make_value
     sock_dir, events = sys.argv[1], int(sys.argv[2])
     out = {}
 

@@ -42,16 +42,8 @@ import pytest
 
 from shmcache import CacheClosed, CacheNotTrusted, DaemonUnavailable, Producer, Reader
 
-from .._daemon_helpers import (
-    START_TIMEOUT,
-    Daemon,
-    LineChild,
-    child,
-    daemon_env,
-    running,
-    wait_for,
-)
 from .._report import Report
+from ..support import START_TIMEOUT, Daemon, LineChild, child, daemon_env, running, wait_for
 from ..test_daemon import open_dir  # noqa: F401  (the fixture: a socket directory anybody may traverse)
 from .test_access import (
     ACTOR,

@@ -31,9 +31,8 @@ import pytest
 
 from shmcache import Reader, Writer
 
-from .._daemon_helpers import LineChild, child
 from .._report import Report
-from ..helpers import scaled
+from ..support import LineChild, child, scaled
 from ._wrap_child import (
     KEYS,
     MASK,

@@ -17,10 +17,8 @@ import pytest
 
 from shmcache import Reader, Writer
 
-from .._children import Cursor, Model, Workload, ring_events
 from .._report import Report
-from .._spawn import spawn
-from ..helpers import scaled
+from ..support import Cursor, Model, Workload, ring_events, scaled, spawn
 
 # ---- 1. drain while the writer wraps the ring ---------------------------------
 

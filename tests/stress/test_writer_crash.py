@@ -4,7 +4,7 @@ the lock, perhaps halfway through a change), a lock holder that is stopped
 that dies inside replace(): tests/stress/test_replace_crash.py.
 
 The child-process code is in tests/_children.py, started through
-tests/_spawn.py.  Loop sizes follow SHMCACHE_STRESS (``ci`` or ``soak``).
+tests/support/_children.py.  Loop sizes follow SHMCACHE_STRESS (``ci`` or ``soak``).
 """
 
 from __future__ import annotations
@@ -29,18 +29,21 @@ from shmcache import (
     Writer,
 )
 
-from .._children import check_value, make_value, replay, ring_events
 from .._report import Report
-from .._spawn import (
+from ..support import (
     LINE_TIMEOUT,
     Child,
     check_intact,
+    check_value,
     lock_recoveries,
+    make_value,
+    replay,
+    ring_events,
+    scaled,
     small_writer,
     spawn,
     wait_status,
 )
-from ..helpers import scaled
 
 # ---- 1. writers SIGKILLed in a loop of puts ------------------------------------------
 
