@@ -72,7 +72,7 @@ def test_get_preempted_while_the_ring_is_evicted_is_not_stale(name: str) -> None
             rg._search = preempted  # type: ignore[method-assign]
             item = rg.get("K")
             assert item is not None and (item.value, item.rv) == (b"v2", 2)
-            assert int(w._h.lock_recoveries) == 1
+            assert w.figures().lock_recoveries == 1
 
 
 def test_get_with_non_consecutive_rvs_and_the_store_behind(name: str) -> None:
@@ -85,7 +85,7 @@ def test_get_with_non_consecutive_rvs_and_the_store_behind(name: str) -> None:
             assert [(e.value, e.rv) for e in first.continuation()] == [(b"v2", 20)]
             item = r.get("K")
             assert item is not None and (item.value, item.rv) == (b"v2", 20)
-            assert int(w._h.lock_recoveries) == 0  # answered without any writer repairing
+            assert w.figures().lock_recoveries == 0  # answered without any writer repairing
 
 
 # ---- a live writer and a reader in two processes ----------------------------------
@@ -158,4 +158,4 @@ def test_get_is_never_older_than_an_event_served_before_it(name: str) -> None:
             assert result["bad"] == [], result
             assert result["gets"] > 100 and result["served"] > 100, result  # it really raced the writer
         assert int(put_out) == w.resource_version
-        assert int(w._h.lock_recoveries) == 0
+        assert w.figures().lock_recoveries == 0

@@ -68,7 +68,7 @@ def test_held_semaphore_without_word_is_abandoned(name: str) -> None:
         sem.acquire()  # between sem_wait and the word: then killed
         sem.close()
         assert w.put("k", b"v") == 1
-        assert w._h.lock_recoveries == 1
+        assert w.figures().lock_recoveries == 1
         assert sem_value(w) == 1
 
 
@@ -79,7 +79,7 @@ def test_dead_recorded_holder_is_recovered_within_one_timeout(name: str) -> None
         t0 = time.monotonic()
         assert w.put("k", b"after") == 2
         assert time.monotonic() - t0 < 0.3 * 1.9  # one timeout, then the judgement
-        assert w._h.lock_recoveries == 1
+        assert w.figures().lock_recoveries == 1
         assert r.get("k") == ("k", b"after", 2)
         assert lock_word(w) == (0, 0)
         assert sem_value(w) == 1
@@ -96,7 +96,7 @@ def test_recorded_live_holder_is_not_robbed_and_surplus_counts_heal(name: str) -
                     other.put("k", b"v")  # passes sem_wait, cannot take the word
             finally:
                 w._lock.release()
-        assert w._h.lock_recoveries == 0
+        assert w.figures().lock_recoveries == 0
         assert other.put("k", b"v") == 1  # the surplus was absorbed: all is normal
         assert sem_value(w) == 1
         other.close()
@@ -157,7 +157,7 @@ def test_claimer_suspended_in_its_claim_cannot_break_exclusion(name: str) -> Non
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert w.put("a", b"1") == 1  # two timeouts without a word: abandoned, posted
-            assert w._h.lock_recoveries == 1
+            assert w.figures().lock_recoveries == 1
             holder = _spawn(_STOPPED_HOLDER, name)
             assert holder.stdout is not None
             tag, word0, word1 = holder.stdout.readline().split()
@@ -168,7 +168,7 @@ def test_claimer_suspended_in_its_claim_cannot_break_exclusion(name: str) -> Non
             assert lock_word(w) == (int(word0), int(word1)), "the stopped holder's word was overwritten"
             with pytest.raises(LockTimeout, match=f"live pid {holder.pid}"):
                 w.put("b", b"2")  # the stopped holder is alive: never robbed
-            assert w._h.lock_recoveries == 1
+            assert w.figures().lock_recoveries == 1
             os.kill(holder.pid, signal.SIGCONT)
             assert holder.stdout.readline().split() == ["resumed", word0, word1]
             assert holder.wait(timeout=30) == 0
@@ -241,4 +241,4 @@ def test_an_interrupt_anywhere_never_leaks_the_lock(name: str, operation: str) -
             if not tracer.fired:
                 break
         assert n > 10  # the operation really went through many calls
-        assert w._h.lock_recoveries == 0
+        assert w.figures().lock_recoveries == 0

@@ -29,7 +29,7 @@ AFTER_CLOSE = textwrap.dedent("""
         "continuation": drained.continuation, "next": pending.next, "get": lambda: r.get("a"),
         "list": r.list, "interval": lambda: r.interval(1), "resource_version": lambda: r.resource_version,
         "oldest": lambda: r.oldest_resource_version, "heartbeat": lambda: r.heartbeat_age,
-        "socket": lambda: r.socket_path, "watch": lambda: next(r.watch(1)),
+        "socket": lambda: r.socket_path, "watch": lambda: next(r.watch(1)), "figures": r.figures,
     }
     for what, call in calls.items():
         try:
@@ -48,7 +48,7 @@ def test_calls_after_close_raise_cache_closed(name: str) -> None:
                            timeout=60, cwd=REPO)
         assert p.returncode == 0, (p.returncode, p.stderr)
         lines = p.stdout.splitlines()
-        assert len(lines) == 10 and all(line.endswith(" closed") for line in lines), lines
+        assert len(lines) == 11 and all(line.endswith(" closed") for line in lines), lines
 
 
 CLOSE_WHILE_WATCHING = textwrap.dedent("""

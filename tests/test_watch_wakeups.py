@@ -114,7 +114,7 @@ def test_recovery_wakes_watchers_a_dead_writer_left_asleep(name: str, recovery: 
         else:
             with pytest.raises(KeyError):
                 w.delete("absent")
-        assert int(w._h.lock_recoveries) == 1
+        assert w.figures().lock_recoveries == 1
         deadline = time.monotonic() + 5
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -222,7 +222,7 @@ def test_recovery_wakes_a_watcher_process_a_dead_writer_left_asleep(name: str, r
             else:
                 with pytest.raises(KeyError):
                     w.delete("absent")
-            assert int(w._h.lock_recoveries) == 1
+            assert w.figures().lock_recoveries == 1
             out, _ = p.communicate(timeout=5)  # woken by the recovery: no further put
             assert out.split() == ["event", "k", "published-by-a-dead-writer", "2"], out
             assert p.returncode == 0

@@ -411,7 +411,7 @@ def test_writer_reopened_leaves_fds_flat_and_semaphore_usable(name: str, report:
         with Writer(name, create=False, lock_timeout=1.0) as fresh:
             fresh_rv = fresh.put("after", b"fresh")
         with Reader(name) as r:
-            recoveries = int(r.header_copy().lock_recoveries)
+            recoveries = r.figures().lock_recoveries
             final_rv = r.resource_version
         final_value = sem_value(name)
     finally:

@@ -140,7 +140,7 @@ def test_claimers_stopped_in_the_claim_window_never_break_exclusion(name: str, t
                 if h.poll() is None:
                     h.kill()
                     h.communicate(timeout=30)
-        recoveries = int(w._h.lock_recoveries)
+        recoveries = w.figures().lock_recoveries
     assert totals["overlaps"] == 0, totals
     assert recoveries >= rounds  # each stopped claimer's count was posted for it
     with open(counter, "rb") as f:
@@ -204,12 +204,12 @@ def test_a_stepped_wall_clock_never_robs_a_live_holder(name: str, report: Report
                                      text=True, timeout=60, cwd=REPO, check=True).stdout.strip()
                 verdicts.append(out)
             assert verdicts == ["timeout"] * len(shifts), verdicts
-            assert int(w._h.lock_recoveries) == 0
+            assert w.figures().lock_recoveries == 0
         finally:
             holder.kill()
             holder.communicate(timeout=30)
         assert w.put("after", b"1") > 0  # its death is seen: recovered
-        assert int(w._h.lock_recoveries) == 1
+        assert w.figures().lock_recoveries == 1
     report(checked="a holder (in a time namespace a day ahead) judged by writers whose wall clock and boot "
                    "time were stepped by -1 day .. +1 h: LockTimeout every time, recovered once it died",
            events=len(shifts), faults=len(shifts), failures=0, judgements=len(shifts))

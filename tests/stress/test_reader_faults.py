@@ -174,7 +174,7 @@ def test_reader_kills_change_nothing_for_writer_and_other_readers(name: str, tmp
                 Path(stop).touch()
                 final = writer.until_end()[1]["end"]
                 assert writer.close() == 0, writer.stderr
-            assert lock_token(r) == 0 and int(r.header_copy().lock_recoveries) == 0
+            assert lock_token(r) == 0 and r.figures().lock_recoveries == 0
             assert r.resource_version == final
             Path(done).touch()
             _, end = verifier.until_end(timeout=60)

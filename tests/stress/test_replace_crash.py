@@ -130,7 +130,7 @@ def test_crash_inside_replace(name: str, case: str, report: Report) -> None:
         # the next writer recovers the lock and finishes or abandons the replace
         other = stack.enter_context(Writer(name, create=False, lock_timeout=0.3))
         rv = other.put("after", b"a")
-        assert int(r.header_copy().lock_recoveries) == 1
+        assert r.figures().lock_recoveries == 1
         if committed:
             assert rv == 18
             assert r.list() == (18, sorted(new + [Item("after", b"a", 18)]))
@@ -248,7 +248,7 @@ def test_writers_killed_in_replace_and_put_many_loops(name: str, report: Report)
             checked += len(snap.items)
             state = seen
             w.delete("cont")
-        recoveries = int(r.header_copy().lock_recoveries)
+        recoveries = r.figures().lock_recoveries
     report(checked="writers SIGKILLed in replace()/put_many() loops: list() is always a whole state, "
                    "before and after recovery",
            events=checked, faults=rounds, failures=0, lock_recoveries=recoveries, **{f"killed_{k}": v
