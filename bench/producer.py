@@ -13,8 +13,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +21,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from shmcache import Producer, ShmCacheError, Writer
+from shmcache import Producer, Writer
+from shmcache._launch import DaemonNotReady, daemon_env, daemon_output, start_daemon, stop_daemon, wait_ready
 
 from ._common import Config, Recorder, unique_name
 
@@ -143,19 +142,8 @@ class _Workers:
 
 def _daemon_env() -> dict[str, str]:
     # a developer's or systemd's SHMCACHED_* settings must not change the geometry
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMCACHED_") and k != "NOTIFY_SOCKET"}
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _answers(sock: str) -> bool:
-    try:
-        with Producer(sock, timeout=2.0) as p:
-            p.ping()
-    except (ShmCacheError, OSError):
-        return False  # not serving yet
-    return True
+    return daemon_env({"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")})
 
 
 @contextmanager
@@ -165,36 +153,26 @@ def _daemon(name: str, tmp: Path) -> Iterator[str]:
     does not stop cleanly."""
     sock = str(tmp / "shmcached.sock")
     log = tmp / "shmcached.log"
-    argv = [sys.executable, "-m", "shmcached", "--name", name, "--socket", sock,
+    argv = ["--name", name, "--socket", sock,
             "--capacity", str(CAPACITY), "--arena-bytes", str(ARENA_BYTES),
             "--max-keys", str(MAX_KEYS), "--store-bytes", str(STORE_BYTES),
             "--heartbeat", "1", "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_daemon_env())
+    proc = start_daemon(argv, log, env=_daemon_env())
 
     def output() -> str:
-        return log.read_text(errors="replace").strip()[-400:]
+        return daemon_output(log).strip()[-400:]
 
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shmcached exited with {proc.returncode} while starting: {output()}")
-            if os.path.exists(sock) and _answers(sock):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"shmcached was not serving after {START_TIMEOUT:.0f} s: {output()}")
-            time.sleep(0.02)
+        try:
+            wait_ready(proc, name, sock, log, START_TIMEOUT)
+        except DaemonNotReady as err:
+            # the report keeps one line per skipped system: the log's tail, not all of it
+            raise RuntimeError(f"shmcached {err.why}: {output()}") from None
         yield sock
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"shmcached ignored SIGTERM for {STOP_TIMEOUT:.0f} s") from None
+        rc = stop_daemon(proc, STOP_TIMEOUT)
+        if rc == -signal.SIGKILL:
+            raise RuntimeError(f"shmcached ignored SIGTERM for {STOP_TIMEOUT:.0f} s")
     if rc != 0:
         raise RuntimeError(f"shmcached exited with {rc} after SIGTERM: {output()}")
     left = [f for f in os.listdir("/dev/shm") if name in f]

@@ -19,22 +19,22 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._checked import make_value, value_seq
 from ._entries import segment_path, semaphore_path
 from ._inspect import mapping_processes
+from ._launch import start_daemon, stop_daemon, wait_ready
 from ._producer import Producer
 from ._reader import Reader
 from ._writer import Writer
-from .exceptions import CacheClosed, CacheNotFound, ResourceExpired, ShmCacheError
+from .exceptions import ResourceExpired, ShmCacheError
 
 __all__ = ["DEMO_KEYS", "STOP_KEY", "DemoResult", "run_daemon_demo", "run_direct_demo"]
 
@@ -52,24 +52,16 @@ class DemoResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- the value scheme ----------------------------------------------------------
+# ---- the value scheme: shmcache/_checked.py's, which a reader checks without ---
+# ---- knowing what was written -------------------------------------------------
 
 
 def _key(seq: int) -> str:
     return f"demo/{seq % DEMO_KEYS}"
 
 
-def _value(key: str, seq: int) -> bytes:
-    """A value a reader can check without knowing what was written: the key,
-    the sequence number and a CRC of both."""
-    body = f"{key}|{seq}|".encode()
-    return body + b"%08x" % zlib.crc32(body)
-
-
 def _intact(key: str, value: bytes) -> bool:
-    body, _, crc = value.rpartition(b"|")
-    body += b"|"
-    return body.startswith(key.encode() + b"|") and crc == b"%08x" % zlib.crc32(body)
+    return value_seq(key, value) is not None
 
 
 def _expected_keys(events: int) -> int:
@@ -133,7 +125,7 @@ def _produce(name: str, index: int, producers: int, events: int, batch: int, rea
             start = time.perf_counter()
             rv = 0
             for i in range(0, len(seqs), batch):
-                rv = producer.put_many([(_key(s), _value(_key(s), s)) for s in seqs[i:i + batch]])
+                rv = producer.put_many([(_key(s), make_value(_key(s), s)) for s in seqs[i:i + batch]])
             elapsed = time.perf_counter() - start
         results.put((index, len(seqs), elapsed, rv, ""))
     except Exception as err:  # noqa: BLE001 -- whatever it is, the parent reports it and fails the demo
@@ -212,34 +204,6 @@ def _rate(events: int, seconds: float) -> float:
     return events / max(seconds, 1e-9)
 
 
-def _stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
-    """SIGTERM (a clean shutdown), SIGKILL if it takes longer than
-    DEMO_WAIT; the daemon's exit status."""
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-    try:
-        return daemon.wait(timeout=DEMO_WAIT)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        return daemon.wait(timeout=DEMO_WAIT)
-
-
-def _wait_for_daemon(daemon: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + DEMO_WAIT
-    while True:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"shmcached exited with status {daemon.returncode} before it was ready")
-        try:
-            with Reader(name) as reader:
-                if reader.heartbeat_age is not None:
-                    return
-        except (CacheNotFound, CacheClosed):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"shmcached did not serve cache {name!r} within {DEMO_WAIT:.0f} s")
-        time.sleep(0.02)
-
-
 def _fail(errors: list[str], message: str) -> None:
     print(message, file=sys.stderr)
     errors.append(message)
@@ -258,7 +222,7 @@ def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_0
     tmp = tempfile.mkdtemp(prefix="shmcache-demo-")
     sock = os.path.join(tmp, "shmcached.sock")
     log_path = os.path.join(tmp, "shmcached.log")
-    cmd = [sys.executable, "-m", "shmcached", "--name", name, "--capacity", str(capacity),
+    cmd = ["--name", name, "--capacity", str(capacity),
            "--arena-bytes", str(capacity * 256), "--max-keys", str(DEMO_KEYS + 2),
            "--store-bytes", str(max(1 << 20, DEMO_KEYS * 256)), "--socket", sock,
            "--heartbeat", "0.2", "--log-level", "warning"]
@@ -269,12 +233,11 @@ def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_0
     summary: dict[str, Any] = {"demo": "daemon", "name": name, "events": events, "batch": batch,
                                "capacity": capacity}
     ok = True
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    daemon: subprocess.Popen[bytes] = start_daemon(cmd, log_path)
     summary["daemon"] = {"pid": daemon.pid, "socket": sock}
     try:
         try:
-            _wait_for_daemon(daemon, name)
+            wait_ready(daemon, name, sock, log_path, DEMO_WAIT)
             say(f"shmcached: pid {daemon.pid} owns cache {name!r} ({capacity} ring slots); "
                 f"producers connect to {sock}")
             with Producer(name) as control:
@@ -321,7 +284,7 @@ def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_0
             ok = False
         finally:
             _stop(procs)
-        rc = _stop_daemon(daemon)
+        rc = stop_daemon(daemon, DEMO_WAIT)
         left = [path for path in (segment_path(name), semaphore_path(name), sock)
                 if os.path.exists(path)]
         summary["daemon"].update(exit_status=rc, left_behind=left)
@@ -336,7 +299,7 @@ def run_daemon_demo(*, readers: int = 3, producers: int = 2, events: int = 200_0
             if logged:
                 print(f"shmcached's log:\n{logged}", file=sys.stderr)
     finally:  # after an unexpected exception (Ctrl-C) too: stop the daemon, cleanly if it can
-        _stop_daemon(daemon)
+        stop_daemon(daemon, DEMO_WAIT)
         shutil.rmtree(tmp, ignore_errors=True)
     summary["errors"] = errors
     return DemoResult(ok, summary)
@@ -365,7 +328,7 @@ def run_direct_demo(*, readers: int = 3, events: int = 200_000, batch: int = 64,
             start = time.perf_counter()
             while seq < events:
                 n = min(batch, events - seq)
-                writer.put_many([(_key(seq + i), _value(_key(seq + i), seq + i)) for i in range(n)])
+                writer.put_many([(_key(seq + i), make_value(_key(seq + i), seq + i)) for i in range(n)])
                 seq += n
             elapsed = time.perf_counter() - start
             writer.put(STOP_KEY, b"")

@@ -35,8 +35,13 @@ _SCRUB = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "I
 
 
 class DaemonNotReady(RuntimeError):
-    """The daemon exited, or did not serve in time; the message ends with
-    its output."""
+    """The daemon exited, or did not serve in time: ``why``, and its
+    ``output`` (which the message ends with)."""
+
+    def __init__(self, pid: int, why: str, output: str) -> None:
+        super().__init__(f"shmcached pid {pid}: {why}; its output:\n{output}")
+        self.why = why
+        self.output = output
 
 
 def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -81,7 +86,7 @@ def wait_ready(proc: subprocess.Popen[bytes], name: str, socket_path: str,
 
 
 def _not_ready(proc: subprocess.Popen[bytes], log: str | os.PathLike[str], why: str) -> DaemonNotReady:
-    return DaemonNotReady(f"shmcached pid {proc.pid}: {why}; its output:\n{daemon_output(log)}")
+    return DaemonNotReady(proc.pid, why, daemon_output(log))
 
 
 def answers(name: str, socket_path: str) -> bool:

@@ -12,7 +12,8 @@ next:
   put of key index ``key_index(s)``.  Keys are ``p{group}/w{w}/k{index}``:
   each writer owns its keys (so its deletes never miss), and the group (the
   prefix readers filter on) is a function of ``(w, index)``.
-* A put's value is ``KEY|W|S|PAD|CRC32`` with a pad whose length varies with
+* A put's value is ``KEY|S|PAD|CRC32`` (shmcache/_checked.py's scheme; the
+  key names the writer) with a pad whose length varies with
   ``s`` (phases of small and of big values, so the ring is bounded by its
   slots at times and by its arena at others, and wraps at odd offsets).  A
   delete carries the key's last value, i.e. that of the put at ``target(s)``,
@@ -35,11 +36,11 @@ import os
 import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from shmcache import Event, EventType, Item, Reader, ResourceExpired, Writer
+from shmcache._checked import make_value, value_seq
 
 DELETE_EVERY = 8
 KEYS = 61  # per writer; > DELETE_EVERY, so no put of a key falls between a put and its delete
@@ -103,8 +104,7 @@ def pad_of(w: int, t: int) -> str:
 
 
 def value_of(w: int, t: int) -> bytes:
-    body = f"{key_of(w, t)}|{w}|{t}|{pad_of(w, t)}"
-    return f"{body}|{zlib.crc32(body.encode()):08x}".encode()
+    return make_value(key_of(w, t), t, pad_of(w, t))
 
 
 def is_added(w: int, t: int) -> bool:
@@ -231,11 +231,11 @@ class Follower:
         try:
             parts = key.split("/")
             w = int(parts[1][1:])
-            body, crc = value.rsplit(b"|", 1)
-            t = int(body.split(b"|")[2])
-            ok = (len(parts) == 3 and 0 <= w <= self.writers
+            seq = value_seq(key, value)
+            t = -1 if seq is None else seq
+            ok = (seq is not None and len(parts) == 3 and 0 <= w <= self.writers
                   and 1 <= t <= (self.max_seq if w != SEED_WRITER else 1)
-                  and int(crc, 16) == zlib.crc32(body) and key.startswith(self.prefix)
+                  and key.startswith(self.prefix)
                   and key_of(w, t) == key and value == value_of(w, t))
         except (IndexError, ValueError):
             ok = False
