@@ -353,7 +353,7 @@ def creator(name: str) -> None:
     """Create the cache, put one key, and keep it until killed."""
     w = Writer(name, capacity=16, arena_bytes=4096, max_keys=64, store_bytes=1 << 16)
     w.put("x", make_value("x", 1))
-    emit("ready", w._map.header.epoch)
+    emit("ready", w.figures().epoch)
     sys.stdin.read()
     w.close()
 

@@ -475,7 +475,7 @@ def test_status_of_a_writer_owned_cache(name: str, writer: Writer) -> None:
     with Reader(name):
         s = js("status", "--name", name)
     assert s["name"] == name and s["path"] == f"/dev/shm/shmcache.{name}"
-    assert s["epoch"] == f"{int(writer._h.epoch):016x}"
+    assert s["epoch"] == f"{writer.figures().epoch:016x}"
     assert s["owner"] == {"pid": os.getpid(), "name": s["owner"]["name"], "liveness": "alive", "alive": True,
                           "state": "sleeping"}  # this process, waiting for the command's
     assert s["heartbeat_age"] is None and s["socket"] is None

@@ -13,4 +13,4 @@ def small_writer(name: str, *, capacity: int = 16, arena_bytes: int = 4096, max_
 
 
 def lock_recoveries(reader: Reader) -> int:
-    return int(reader.header_copy().lock_recoveries)
+    return reader.figures().lock_recoveries
