@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +39,8 @@ from shmcache._owner import (
     judge,
     me,
 )
+
+from .support import LineProcess
 
 LINE_TIMEOUT = 60.0  # the longest any expected line may take: a hang, not a slow machine
 EXIT_TIMEOUT = 60.0
@@ -89,36 +88,16 @@ def state_of(pid: int) -> str | None:
         return None
 
 
-class Child:
-    """A subprocess in its own session whose stdout lines are JSON, read by a
-    thread (so that every wait has a timeout); killed with its whole process
-    group, and waited for, when the ``with`` block ends."""
+class Child(LineProcess):
+    """A subprocess in its own session whose stdout lines are JSON; killed
+    with its whole process group, and waited for, when the ``with`` block
+    ends."""
+
+    line_timeout = LINE_TIMEOUT
 
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.pid = self.proc.pid
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._pump_stdout, daemon=True),
-            threading.Thread(target=self._pump_stderr, daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _pump_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _pump_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr.append(line)
+        super().__init__(argv, label=str(argv[:3]), env=os.environ, stdin=True, session=True)
 
     def __enter__(self) -> Self:
         return self
@@ -127,17 +106,8 @@ class Child:
                  tb: TracebackType | None) -> None:
         self.kill()
 
-    def line(self) -> Any:
-        try:
-            text = self._lines.get(timeout=LINE_TIMEOUT)
-        except queue.Empty:
-            raise AssertionError(f"no line from {self.argv[:3]} in {LINE_TIMEOUT} s; "
-                                 f"stderr: {''.join(self._stderr)}") from None
-        if text is None:
-            self.proc.wait(timeout=EXIT_TIMEOUT)
-            raise AssertionError(f"{self.argv[:3]} ended (exit {self.proc.returncode}) early; "
-                                 f"stderr: {''.join(self._stderr)}")
-        return json.loads(text)
+    def line(self, timeout: float | None = None) -> Any:
+        return json.loads(super().line(timeout))
 
     def identity(self) -> tuple[ProcessIdentity, dict[str, Any]]:
         """The identity an IDENTIFY child printed, and all it printed."""
@@ -146,15 +116,12 @@ class Child:
 
     def ask(self, ident: ProcessIdentity) -> Liveness:
         """An IDENTIFY child's verdict on ``ident``."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(asdict(ident)) + "\n")
-        self.proc.stdin.flush()
+        self.send(json.dumps(asdict(ident)) + "\n")
         return Liveness(self.line()["verdict"])
 
     def exit_without_reaping(self) -> None:
         """Let the child end (stdin closed) and wait until it is a zombie."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        self.release()
         deadline = time.monotonic() + EXIT_TIMEOUT
         while state_of(self.pid) != "Z":
             assert time.monotonic() < deadline, f"pid {self.pid} did not exit"
@@ -162,28 +129,10 @@ class Child:
 
     def finish(self) -> int:
         """Close stdin, reap the child, return its exit status."""
-        assert self.proc.stdin is not None
-        with suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        code = self.proc.wait(timeout=EXIT_TIMEOUT)
-        for t in self._threads:
-            t.join(timeout=EXIT_TIMEOUT)
-        assert code == 0, f"{self.argv[:3]} exited {code}; stderr: {''.join(self._stderr)}"
+        self.release()
+        code = self.wait(EXIT_TIMEOUT)
+        assert code == 0, f"{self.argv[:3]} exited {code}; stderr: {self.stderr}"
         return code
-
-    def kill(self) -> None:
-        if self.proc.returncode is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-            self.proc.wait(timeout=EXIT_TIMEOUT)
-        with suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)  # whatever of its group outlived it
-        for t in self._threads:
-            t.join(timeout=EXIT_TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with suppress(BrokenPipeError):
-                    stream.close()
 
 
 def identify(*wrapper: str) -> Child:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -40,7 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -54,6 +53,7 @@ from ..support import (
     OK,
     REPO,
     STOP_TIMEOUT,
+    LineProcess,
     connect,
     ping,
     put,
@@ -62,9 +62,7 @@ from ..support import (
     stats,
     wait_for,
 )
-from ..support import (
-    request as call,
-)
+from ..support import request as call
 from ..test_daemon import (
     test_bad_configuration_exits_2_with_one_line as bad_configuration,
 )
@@ -218,48 +216,20 @@ PRELUDE = """
 """
 
 
-class Actor:
+class Actor(LineProcess):
     """``python -c PRELUDE + code`` as ``uid``/``gid``/``groups``; its JSON
     lines arrive on a queue; its stdin is a pipe (``tell`` writes a line)."""
 
+    line_timeout = 120.0
+
     def __init__(self, uid: int, gid: int, groups: Sequence[int], code: str, *args: str,
                  nofile: int = 0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(code),
-             str(uid), str(gid), json.dumps(list(groups)), str(nofile), *args],
-            env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._err: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [self._pump(self.proc.stdout, self.lines.put, True),
-                         self._pump(self.proc.stderr, self._err.append, False)]
-
-    @staticmethod
-    def _pump(stream: IO[str], sink: Any, end: bool) -> threading.Thread:
-        def run() -> None:
-            with suppress(OSError, ValueError):
-                for line in stream:
-                    sink(line.rstrip("\n"))
-            if end:
-                sink(None)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
+        super().__init__([sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(code),
+                          str(uid), str(gid), json.dumps(list(groups)), str(nofile), *args],
+                         label="child", stdin=True)
 
     def next(self, timeout: float = 120.0) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"child {self.proc.pid} said nothing for {timeout} s; "
-                                 f"stderr:\n{chr(10).join(self._err)}") from None
-        if line is None:
-            self.lines.put(None)
-            raise AssertionError(f"child {self.proc.pid} ended (rc {self.proc.poll()}); "
-                                 f"stderr:\n{chr(10).join(self._err)}")
-        out: dict[str, Any] = json.loads(line)
+        out: dict[str, Any] = json.loads(self.line(timeout))
         return out
 
     def until(self, key: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -271,21 +241,7 @@ class Actor:
                 return msg
 
     def tell(self, line: str = "go") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                self.proc.kill()
-        self.proc.wait(timeout=STOP_TIMEOUT)
-        for thread in self._threads:
-            thread.join(timeout=STOP_TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with suppress(OSError):
-                    stream.close()
+        self.send(line + "\n")
 
 
 @contextmanager

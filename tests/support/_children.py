@@ -60,16 +60,18 @@ class LineProcess:
     line_timeout = LINE_TIMEOUT
 
     def __init__(self, argv: Sequence[str], *, label: str, env: Mapping[str, str] | None = None,
-                 stdin: bool = False, stdout: IO[str] | None = None) -> None:
+                 stdin: bool = False, stdout: IO[str] | None = None, session: bool = False) -> None:
         """``stdin``: a pipe (:meth:`send`, :meth:`release`), else
         /dev/null; ``stdout``: a file to send stdout to instead (no lines
-        arrive then)."""
+        arrive then); ``session``: the child leads a session of its own, and
+        :meth:`kill` kills its whole process group."""
         self.label = label
+        self._session = session
         self.proc = subprocess.Popen(
             list(argv), env=python_env() if env is None else dict(env), text=True,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout is None else stdout,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=session,
         )
         self.pid = self.proc.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -124,7 +126,8 @@ class LineProcess:
     def release(self) -> None:
         """Close stdin: the child sees EOF."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+            with suppress(OSError):  # unsent bytes to a child that is gone
+                self.proc.stdin.close()
 
     def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
         """Reap the child; its return code."""
@@ -156,12 +159,16 @@ class LineProcess:
         """Kill the child if it still runs, reap it and close its pipes."""
         if self.proc.returncode is None:
             with suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                (os.killpg if self._session else os.kill)(self.pid, signal.SIGKILL)
             self.proc.wait(timeout=LINE_TIMEOUT)
+        if self._session:
+            with suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)  # whatever of its group outlived it
         self._join()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                with suppress(OSError):  # stdin's unsent bytes to a child that is gone
+                    stream.close()
 
 
 class Child(LineProcess):
