@@ -26,10 +26,6 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 2e6
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def send(self, **fields: object) -> None:
         """Send e.g. ``send(READY=1, STATUS="...")``; errors are ignored, as
         sd_notify's are: the service must not fail because its manager went away."""

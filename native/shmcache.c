@@ -52,12 +52,11 @@ _Static_assert(offsetof(struct sc_header, lock_start) == offsetof(struct sc_head
 
 uint64_t sc_load_acquire(const uint64_t *addr) { return __atomic_load_n(addr, __ATOMIC_ACQUIRE); }
 void sc_store_release(uint64_t *addr, uint64_t value) { __atomic_store_n(addr, value, __ATOMIC_RELEASE); }
-int sc_cas(uint64_t *addr, uint64_t expected, uint64_t desired)
+static int sc_cas(uint64_t *addr, uint64_t expected, uint64_t desired)
 {
     return __atomic_compare_exchange_n(addr, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 uint64_t sc_fetch_add(uint64_t *addr, uint64_t delta) { return __atomic_fetch_add(addr, delta, __ATOMIC_ACQ_REL); }
-void sc_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 void sc_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
 /* ---- the readers' guard ---------------------------------------------------
@@ -211,7 +210,7 @@ void sc_detach(struct sc_layout *L)
 
 /* ---- hashing: seeded FNV-1a with a 64-bit finalizer ---------------------- */
 
-uint64_t sc_hash(uint64_t seed, const uint8_t *key, uint32_t key_len)
+static uint64_t sc_hash(uint64_t seed, const uint8_t *key, uint32_t key_len)
 {
     uint64_t h = 0xcbf29ce484222325ULL ^ seed;
     for (uint32_t i = 0; i < key_len; i++) {

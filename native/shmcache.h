@@ -203,9 +203,9 @@ struct sc_layout {
 /* ---- atomics on addresses inside the mapping ---------------------------- */
 uint64_t sc_load_acquire(const uint64_t *addr);
 void sc_store_release(uint64_t *addr, uint64_t value);
-int sc_cas(uint64_t *addr, uint64_t expected, uint64_t desired);
+/* Only the tests call these two: they play a writer's part in a schedule
+ * (publish by hand, count holders across processes) with the same atomics. */
 uint64_t sc_fetch_add(uint64_t *addr, uint64_t delta);
-void sc_fence_acquire(void);
 void sc_fence_release(void);
 
 /* ---- futex (shared, never FUTEX_PRIVATE) -------------------------------- */
@@ -218,9 +218,6 @@ int sc_wait_past(struct sc_layout *L, uint64_t position, uint64_t last_rv, int64
 /* Block until notify_seq differs from seq (any publication): SC_WAIT_* */
 int sc_wait_change(struct sc_layout *L, uint32_t seq, int64_t timeout_ns);
 void sc_notify(struct sc_layout *L);
-
-/* ---- hashing ------------------------------------------------------------ */
-uint64_t sc_hash(uint64_t seed, const uint8_t *key, uint32_t key_len);
 
 /* ---- writer side (the caller holds the writers' lock) -------------------- */
 int64_t sc_store_lookup(struct sc_layout *L, const uint8_t *key, uint32_t key_len);
@@ -258,6 +255,7 @@ size_t sc_sem_bytes(void);
 void *sc_sem_map(int fd);
 int sc_sem_init(void *sem);
 void sc_sem_close(void *sem);
+/* Only the tests call this: the surplus count a racing recovery can leave. */
 int sc_sem_post(void *sem);
 /* Wait for the semaphore, then claim the lock word with one 16-byte CAS from
  * zero to S->word; on success set S->held in the same call. */
