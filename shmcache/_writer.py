@@ -32,6 +32,7 @@ from ._entries import (
 )
 from ._figures import Figures, read_figures
 from ._layout import (
+    HEADER_BYTES,
     LAYOUT_VERSION,
     MAGIC,
     Geometry,
@@ -57,12 +58,13 @@ from ._rules import (
     encode_key,
     record_size,
 )
-from ._trust import OwnerSpec, trusted_owners
+from ._trust import OwnerSpec, TrustedOwners, trusted_owners
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
     CacheExists,
     CacheFull,
+    CacheNotFound,
     CacheNotTrusted,
     InvalidKey,
     InvalidResourceVersion,
@@ -94,6 +96,15 @@ class Writer:
     segment and semaphore belong to a trusted owner, see _trust.py and
     ``owner``).  ``lock_timeout`` (seconds) bounds the wait for a live holder
     of the lock (LockTimeout).  A Writer is safe to share between threads.
+
+    ``adopt=True`` (with ``create=True``): a dead creator's segment of this
+    uid, this layout version and exactly the geometry asked for is not
+    replaced but *adopted* — same epoch, same resource versions, every item
+    kept; its readers go on without noticing.  This writer records itself as
+    the creator; a lock the dead process held is recovered, and a change it
+    left half-done repaired, by the first operation, as for any writer.
+    ``adopted_from`` is then the dead creator's identity (else None).  Any
+    other segment is replaced as without ``adopt``.
     """
 
     def __init__(
@@ -109,6 +120,7 @@ class Writer:
         group: int | None = None,
         owner: OwnerSpec | None = None,
         lock_timeout: float = 5.0,
+        adopt: bool = False,
     ) -> None:
         self.name = check_name(name)
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
@@ -127,11 +139,13 @@ class Writer:
         self._closed = False
         self._lock_timeout = float(lock_timeout)
         self.is_creator = create
+        #: the dead creator whose segment this writer adopted (``adopt=True``), or None
+        self.adopted_from: ProcessIdentity | None = None
         #: the inodes of the segment and semaphore this writer created (None: not the creator)
         self._inodes: tuple[int, int] | None = None
         if create:
             geometry = Geometry.plan(capacity, arena_bytes, max_keys, store_bytes)
-            self._map, self._inodes, sem = self._create(geometry, mode, group)
+            self._map, self._inodes, sem = self._create(geometry, mode, group, adopt)
         else:
             self._map = open_segment(self.name, writable=True, owners=owners)
             try:
@@ -150,14 +164,26 @@ class Writer:
 
     # ---- creation ------------------------------------------------------
 
-    def _create(self, geometry: Geometry, mode: int, group: int | None) -> tuple[Mapping, tuple[int, int], Any]:
-        """Under the name lock: retire a dead creator's entries, then create
-        the semaphore, then the segment (each 0600, then ``group``, then
-        ``mode``), the header's magic last.  (mapping, inodes, semaphore)."""
+    def _create(self, geometry: Geometry, mode: int, group: int | None,
+                adopt: bool) -> tuple[Mapping, tuple[int, int], Any]:
+        """Under the name lock: adopt a dead creator's segment (``adopt``), or
+        retire a dead creator's entries, then create the semaphore, then the
+        segment (each 0600, then ``group``, then ``mode``), the header's
+        magic last.  (mapping, inodes, semaphore)."""
         lock = NameLock(self.name, self._lock_timeout)
         done = False
         try:
-            _retire_stale(self.name)
+            adoptable = _retire_stale(self.name, geometry if adopt else None)
+            if adoptable is not None:
+                mapping, seg_inode, self.adopted_from = adoptable
+                try:
+                    sem, sem_inode = _adopt_semaphore(self.name, mode, group)
+                except BaseException:
+                    mapping.close()
+                    raise
+                _record_creator(mapping)
+                done = True
+                return mapping, (seg_inode, sem_inode), sem
             sem, sem_inode = create_semaphore(self.name, mode=mode, group=group)
             try:
                 mapping, seg_inode = create_segment(self.name, geometry, mode=mode, group=group)
@@ -544,13 +570,22 @@ class Writer:
 # ---- creation helpers ------------------------------------------------------
 
 
-def _init_header(mapping: Mapping, g: Geometry) -> None:
+def _record_creator(mapping: Mapping) -> None:
+    """Make this process the segment's recorded creator (at creation, and
+    when adopting: readers read these fields only to tell whether the owner
+    lives, so a reader that sees old and new fields mixed for an instant
+    judges a dead or a live process, never a torn value)."""
     h: Any = mapping.header
     ident = me()
     h.creator_pid = ident.pid
     h.creator_start_ticks = ident.start_ticks
     h.creator_pidns = ident.pidns
     h.creator_boot = ident.boot
+
+
+def _init_header(mapping: Mapping, g: Geometry) -> None:
+    h: Any = mapping.header
+    _record_creator(mapping)
     h.layout_version = LAYOUT_VERSION
     h.header_bytes = ffi.sizeof("struct sc_header")
     h.total_bytes = g.total_bytes
@@ -571,11 +606,13 @@ def _init_header(mapping: Mapping, g: Geometry) -> None:
     lib.sc_store_release(mapping.field("magic"), MAGIC)
 
 
-def _retire_stale(name: str) -> None:
+def _retire_stale(name: str, adopt: Geometry | None) -> tuple[Mapping, int, ProcessIdentity] | None:
     """Under the name lock, clear the way for a new segment of ``name``:
     CacheExists if a live creator owns the one there; the owner error if
-    another user's entry is there; else close the stale segment (its
-    readers get CacheClosed) and unlink it and any semaphore left."""
+    another user's entry is there; with ``adopt``, a dead creator's segment
+    of exactly that geometry is returned mapped read-write, with its inode
+    and that creator, for the caller to adopt; else close the stale segment
+    (its readers get CacheClosed) and unlink it and any semaphore left."""
     path = segment_path(name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -597,6 +634,9 @@ def _retire_stale(name: str) -> None:
             if verdict is not Liveness.DEAD:
                 where = " (in another PID namespace)" if verdict is Liveness.UNKNOWABLE else ""
                 raise CacheExists(f"cache {name!r} is owned by live pid {creator.pid}{where}")
+            mapping = _adoptable(fd, adopt) if adopt is not None else None
+            if mapping is not None:
+                return mapping, st.st_ino, creator
             _close_segment(fd)
             unlink_if(path, st.st_ino)
         finally:
@@ -608,6 +648,43 @@ def _retire_stale(name: str) -> None:
         os.unlink(sem)  # the dead creator's, or left by one that died before its segment
     except FileNotFoundError:
         pass
+    return None
+
+
+def _adoptable(fd: int, geometry: Geometry) -> Mapping | None:
+    """The segment of ``fd`` mapped read-write if a new writer can take it
+    over as it is: initialised, not closed, this layout version and exactly
+    ``geometry``; else None (it is replaced)."""
+    size = os.fstat(fd).st_size
+    if size < HEADER_BYTES:
+        return None
+    with mmap.mmap(fd, HEADER_BYTES, prot=mmap.PROT_READ) as mm:
+        view = ffi.from_buffer("uint8_t[]", mm)
+        try:
+            h: Any = ffi.cast("struct sc_header *", view)
+            if lib.sc_load_acquire(ffi.addressof(h[0], "magic")) != MAGIC or h.closed:
+                return None
+            try:
+                found = Geometry.from_header(h, size)
+            except CacheCorrupted:
+                return None
+        finally:
+            ffi.release(view)
+    return Mapping(fd, geometry, writable=True) if found == geometry else None
+
+
+def _adopt_semaphore(name: str, mode: int, group: int | None) -> tuple[Any, int]:
+    """The adopted segment's semaphore, mapped, and its inode (the caller
+    holds the name lock: the path stays this file); a new one if it is gone."""
+    try:
+        sem = open_semaphore(name, TrustedOwners(frozenset({os.geteuid()})))
+    except CacheNotFound:
+        return create_semaphore(name, mode=mode, group=group)
+    try:
+        return sem, os.lstat(semaphore_path(name)).st_ino
+    except BaseException:
+        lib.sc_sem_close(sem)
+        raise
 
 
 def _read_creator(fd: int, path: str) -> ProcessIdentity:
