@@ -140,18 +140,25 @@ class Daemon:
         try:
             self.writer = Writer(c.name, capacity=c.capacity, arena_bytes=c.arena_bytes,
                                  max_keys=c.max_keys, store_bytes=c.store_bytes, mode=c.mode,
-                                 group=c.group, lock_timeout=c.lock_timeout)
+                                 group=c.group, lock_timeout=c.lock_timeout, adopt=True)
         except (CacheExists, CacheNotTrusted) as err:  # a live owner; another user holds the name
             log.error("%s", err)
             return 1
         except (OSError, ShmCacheError) as err:  # no room in /dev/shm, no permission, ...
             log.error("cannot create cache %r: %s", c.name, err)
             return 1
+        left_by = self.writer.adopted_from
+        if left_by is not None:
+            figures = self.writer.figures()
+            log.info("adopted cache %r at rv %d (epoch %016x, left by pid %d, dead)",
+                     c.name, figures.rv, figures.epoch, left_by.pid)
         try:
             self.listener = self._listen()
         except (OSError, ShmCacheError) as err:
             log.error("cannot serve cache %r: %s", c.name, err)
-            self.writer.close()
+            # an adopted cache holds what producers were told is written: leave
+            # it for the next start, as the dead daemon did
+            self.writer.close(unlink=left_by is None)
             return 1
         self.writer.advertise_socket(c.socket)
         self.writer.heartbeat()

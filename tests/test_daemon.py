@@ -405,7 +405,10 @@ def test_acknowledged_writes_survive_sigterm(name: str, tmp_path: Path) -> None:
 # ==== 3. SIGKILL: the next daemon reclaims name and socket =====================
 
 
-def test_next_daemon_reclaims_after_sigkill(name: str, tmp_path: Path) -> None:
+def test_next_daemon_adopts_after_sigkill(name: str, tmp_path: Path) -> None:
+    """The daemon is SIGKILLed; the next one on the same name adopts its
+    segment: same epoch, every acknowledged write, RVs going on; a Reader
+    and a watcher process opened before the kill go on without reopening."""
     sock = sock_in(tmp_path)
     d1 = Daemon.start(name, sock, tmp_path / "d1.log")
     try:
@@ -422,17 +425,35 @@ def test_next_daemon_reclaims_after_sigkill(name: str, tmp_path: Path) -> None:
                 p.put("b", b"2")
             with pytest.raises(DaemonUnavailable):
                 Producer(sock)
-            with running(name, sock, tmp_path / "d2.log") as d2, Reader(name) as new:
-                assert new.epoch != old.epoch
-                rest, end = watcher.until_end()
-                assert rest == [] and end == {"end": "CacheClosed"}
+            with running(name, sock, tmp_path / "d2.log") as d2:
+                assert f"adopted cache {name!r} at rv 1 (epoch {old.epoch:016x}, left by pid {d1.pid}, dead)" \
+                    in d2.output, d2.output
+                with Producer(name) as p2:
+                    assert p2.put("b", b"2") == 2
+                    assert p2.stats()["pid"] == d2.pid
+                assert old.epoch == old.figures().epoch and old.figures().owner.pid == d2.pid
+                assert old.list() == Snapshot(2, [Item("a", b"1", 1), Item("b", b"2", 2)])
+                # the watcher, from rv 1, sees the adopter's first event
+                assert watcher.next() == {"type": "ADDED", "key": "b", "value": b"2".hex(), "rv": 2}
+    finally:
+        d1.kill()
+
+
+def test_restart_with_another_geometry_starts_a_new_cache(name: str, tmp_path: Path) -> None:
+    """A restart after SIGKILL with another --capacity does not adopt: a new
+    epoch, and the old segment's readers get CacheClosed."""
+    sock = sock_in(tmp_path)
+    d1 = Daemon.start(name, sock, tmp_path / "d1.log")
+    try:
+        d1.wait_ready()
+        with Reader(name) as old, Producer(name) as p:
+            assert p.put("a", b"1") == 1
+            assert d1.stop(signal.SIGKILL) == -signal.SIGKILL
+            with running(name, sock, tmp_path / "d2.log", "--capacity", "128") as d2, Reader(name) as new:
+                assert "adopted" not in d2.output
+                assert new.epoch != old.epoch and new.list() == Snapshot(0, [])
                 with pytest.raises(CacheClosed):
                     old.get("a")
-                assert new.list() == Snapshot(0, [])
-                with Producer(name) as p2:
-                    assert p2.put("b", b"2") == 1
-                    assert p2.stats()["pid"] == d2.pid
-                assert new.list() == Snapshot(1, [Item("b", b"2", 1)])
     finally:
         d1.kill()
 

@@ -18,8 +18,8 @@ as root; children drop to other uids as in tests/stress/test_access.py).
   and to listen in a directory others may write.
 * **Restart.** A reader in the cache's group holds ``flock`` on its
   read-only descriptor of the segment while the daemon is SIGKILLed: the
-  restarted daemon serves at once, since creators serialise on a name lock
-  readers cannot open.
+  restarted daemon adopts it and serves at once, since creators serialise on
+  a name lock readers cannot open.
 * **Creation order.** A daemon stopped (test hook) right after creating
   each file: the file is 0600 and its owner's, so a member of the daemon's
   primary group — not of ``--group`` — cannot open it; after the start,
@@ -385,7 +385,7 @@ HOLDER = """
 def test_a_reader_cannot_hold_up_a_restart(name: str, tmp_path: Path, open_dir: Path, report: Report) -> None:
     """A member of the cache's group flocks the segment through its
     read-only descriptor (and cannot open the name lock at all); the daemon
-    is SIGKILLed; the restarted daemon retires the stale segment and serves
+    is SIGKILLed; the restarted daemon adopts the segment and serves
     although the flock is still held."""
     v = Verdicts()
     sock = str(open_dir / "d.sock")
@@ -401,12 +401,12 @@ def test_a_reader_cannot_hold_up_a_restart(name: str, tmp_path: Path, open_dir: 
             started = time.monotonic()
             with running(name, sock, tmp_path / "d2.log", "--group", str(GROUP)) as again:
                 took = time.monotonic() - started
-                v.expect(os.stat(f"/dev/shm/shmcache.{name}").st_ino != held["holding"], "the same segment")
+                v.expect(os.stat(f"/dev/shm/shmcache.{name}").st_ino == held["holding"], "not adopted")
                 with Producer(sock) as p:
-                    v.expect(p.put("b", b"2") == 1, "the new cache's first put")
+                    v.expect(p.put("b", b"2") == 2, "the adopted cache's next put")
                 v.expect(h.proc.poll() is None, "the holder ended")
                 v.expect(again.proc.poll() is None, "the restarted daemon died")
-    report(checked="a group member's flock on the segment does not hold up a restart after SIGKILL",
+    report(checked="a group member's flock on the segment does not hold up a restart (an adoption) after SIGKILL",
            events=2, faults=1, failures=len(v.violations), checks=v.checked, restart_s=round(took, 2))
     assert not v.violations, v.failed()
 
