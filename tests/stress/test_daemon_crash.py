@@ -67,8 +67,11 @@ PRODUCER = """
     print(json.dumps({"end": errors}), flush=True)
 """
 
-SIZES = ("--capacity", "4096", "--arena-bytes", str(1 << 20), "--max-keys", "32768",
-         "--store-bytes", str(8 << 20))
+#: Every key a producer puts is a new one, and a restart adopts the cache, so
+#: the store holds every acknowledged put of the whole run: room for the soak
+#: size's 40 rounds (about 150,000 puts) with margin; the ring still wraps.
+SIZES = ("--capacity", "4096", "--arena-bytes", str(1 << 20), "--max-keys", str(1 << 18),
+         "--store-bytes", str(32 << 20))
 
 #: A watcher that, like a Kubernetes client, relists (resumes from the newest
 #: RV) whenever it falls behind the ring under the producers' load, so that
