@@ -28,6 +28,7 @@ from shmcache._rules import (
     DEFAULT_STORE_BYTES,
     MAX_RV,
 )
+from shmcache._trust import check_cache_mode
 from shmcache.exceptions import InvalidSize
 
 __all__ = ["Config", "ConfigError", "default_socket_path", "parse"]
@@ -87,10 +88,11 @@ def _segment_mode(text: Any) -> int:
     # Only the owner may ever write the segment and take the writers'
     # semaphore: readers refuse a segment that others could write.
     value = _mode(text)
-    if value & 0o022:
+    try:
+        return check_cache_mode(value)
+    except InvalidSize:
         raise ValueError("gives write access to others than the owner (group or world write bit); "
-                         "use a mode such as 0640")
-    return value
+                         "use a mode such as 0640") from None
 
 
 def _socket_mode(text: Any) -> int:

@@ -25,9 +25,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .exceptions import CacheNotTrusted, InvalidOwner
+from .exceptions import CacheNotTrusted, InvalidOwner, InvalidSize
 
-__all__ = ["ENV_OWNER", "SERVICE_USER", "OwnerSpec", "TrustedOwners", "describe_uid", "trusted_owners"]
+__all__ = ["ENV_OWNER", "SERVICE_USER", "OwnerSpec", "TrustedOwners", "check_cache_mode", "describe_uid",
+           "trusted_owners"]
 
 #: the system user of systemd/shmcached@.service (systemd/shmcache.sysusers.conf)
 SERVICE_USER = "shmcache"
@@ -35,6 +36,22 @@ SERVICE_USER = "shmcache"
 ENV_OWNER = "SHMCACHE_OWNER"
 
 OwnerSpec = int | str | Iterable[int | str]
+
+#: the permission bits that let others than the owner write a file: a
+#: segment or semaphore with any of them is not trusted
+OTHERS_WRITE = 0o022
+
+
+def check_cache_mode(mode: int) -> int:
+    """``mode`` if a cache may be created with it (permission bits, no write
+    bit for group or others: readers would refuse the cache); InvalidSize
+    otherwise."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise InvalidSize(f"mode={mode!r} must be permission bits, e.g. 0o640")
+    if mode & OTHERS_WRITE:
+        raise InvalidSize(f"mode={mode:#o} lets others than the owner write the cache, and readers "
+                          f"refuse such a segment: use e.g. 0o640 or 0o600")
+    return mode
 
 
 def describe_uid(uid: int) -> str:
@@ -87,7 +104,7 @@ class TrustedOwners:
                 f"{path} belongs to {describe_uid(st.st_uid)}, whom this process does not trust "
                 f"(it trusts {self}); if that is the cache's rightful owner, pass owner= "
                 f"(--owner, or {ENV_OWNER}=...)", path=path, owner_uid=st.st_uid)
-        if st.st_mode & 0o022:
+        if st.st_mode & OTHERS_WRITE:
             raise CacheNotTrusted(
                 f"{path} (of {describe_uid(st.st_uid)}) is writable by "
                 f"{'anyone' if st.st_mode & 0o002 else 'its group'} "

@@ -58,7 +58,7 @@ from ._rules import (
     encode_key,
     record_size,
 )
-from ._trust import OwnerSpec, TrustedOwners, trusted_owners
+from ._trust import OwnerSpec, TrustedOwners, check_cache_mode, trusted_owners
 from .exceptions import (
     CacheClosed,
     CacheCorrupted,
@@ -127,11 +127,7 @@ class Writer:
             raise TypeError("lock_timeout must be a number of seconds")
         if not 0 < lock_timeout < 1e9:
             raise InvalidSize(f"lock_timeout={lock_timeout} must be > 0 seconds")
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-            raise InvalidSize(f"mode={mode!r} must be permission bits, e.g. 0o640")
-        if mode & 0o022:
-            raise InvalidSize(f"mode={mode:#o} lets others than the owner write the cache, and readers "
-                              f"refuse such a segment: use e.g. 0o640 or 0o600")
+        check_cache_mode(mode)
         if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
             raise TypeError(f"group must be a gid (int >= 0) or None, not {group!r}")
         owners = trusted_owners(owner)
