@@ -19,6 +19,7 @@ and the own uid stay trusted.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import stat
@@ -122,6 +123,16 @@ class TrustedOwners:
                 path=path, owner_uid=uid)
 
 
+@functools.cache
+def _service_uid() -> int | None:
+    # looked up once per process: every Reader, Writer and Producer asks, and
+    # a user database lookup may be a file read or a network call (NSS)
+    try:
+        return pwd.getpwnam(SERVICE_USER).pw_uid
+    except KeyError:
+        return None
+
+
 def trusted_owners(owner: OwnerSpec | None = None) -> TrustedOwners:
     """Root, this process's effective uid, and ``owner`` (a user name, a uid,
     or several of them); without ``owner``, those of ``$SHMCACHE_OWNER``, else
@@ -133,10 +144,9 @@ def trusted_owners(owner: OwnerSpec | None = None) -> TrustedOwners:
         if env:
             owner = [part for part in env.split(",") if part.strip()]
         else:
-            try:
-                uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
-            except KeyError:
-                pass
+            service = _service_uid()
+            if service is not None:
+                uids.add(service)
             return TrustedOwners(frozenset(uids))
     items: Iterable[int | str] = [owner] if isinstance(owner, (int, str)) else owner
     for item in items:
