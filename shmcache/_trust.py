@@ -11,7 +11,8 @@ before it believes a byte (docs/design.md, "Trust").
 
 The trusted owners are root (who can read and change any process anyway),
 the process's own effective uid, and the ``shmcache`` system user that the
-systemd unit runs the daemon as (if that user exists).  ``owner=`` arguments,
+systemd unit runs the daemon as (if that user exists; looked up once per
+process).  ``owner=`` arguments,
 ``--owner`` and the ``SHMCACHE_OWNER`` environment variable (comma-separated
 user names or uids) replace the ``shmcache`` user by the owners named; root
 and the own uid stay trusted.
