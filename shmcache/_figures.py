@@ -18,7 +18,7 @@ from ._native import ffi, lib
 from ._owner import ProcessIdentity
 from .exceptions import CacheClosed, CacheCorrupted
 
-__all__ = ["Figures", "RingFill", "StoreFill", "heartbeat_age_of", "read_figures", "socket_path_of"]
+__all__ = ["Figures", "RingFill", "StoreFill", "heartbeat_age_of", "read_figures", "recorded_socket_path"]
 
 _OFF_RV = ffi.offsetof("struct sc_header", "rv")
 _OFF_HEARTBEAT = ffi.offsetof("struct sc_header", "heartbeat_ms")
@@ -112,7 +112,7 @@ def heartbeat_age_of(beat_ms: int) -> float | None:
     return None if beat_ms == 0 else max(0.0, time.time() - beat_ms / 1000)
 
 
-def socket_path_of(header: Any) -> str:
+def recorded_socket_path(header: Any) -> str:
     """The socket path a header copy records; "" if none, or not UTF-8 (it
     was not written by this library, and names nothing a client can use)."""
     raw: bytes = ffi.string(header.socket_path, 255)
@@ -153,7 +153,7 @@ def read_figures(name: str, layout: Any, geometry: Geometry, closed: Callable[[]
         created=int(header.created_ms) / 1000,
         owner=creator_of(header),
         heartbeat_age=heartbeat_age_of(load(_OFF_HEARTBEAT)),
-        socket_path=socket_path_of(header),
+        socket_path=recorded_socket_path(header),
         rv=load(_OFF_RV),
         oldest_rv=oldest,
         ring=ring,

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _codec
 from ._events import Event, EventType, Item, Snapshot
-from ._figures import Figures, heartbeat_age_of, read_figures, socket_path_of
+from ._figures import Figures, heartbeat_age_of, read_figures, recorded_socket_path
 from ._layout import check_name, open_segment
 from ._native import ffi, lib
 from ._rules import encode_key, encode_prefix
@@ -146,7 +146,7 @@ class Reader:
     @property
     def socket_path(self) -> str:
         """The producer socket the owning daemon advertises ("" if none)."""
-        return socket_path_of(self.header_copy())
+        return recorded_socket_path(self.header_copy())
 
     @property
     def heartbeat_age(self) -> float | None:
